@@ -1,0 +1,75 @@
+"""One cache folder for downloaded checkpoints, synthetic checkpoints and conversions.
+
+Default location: ``$TIMESFORMER_CONVERT_CACHE``, else ``$XDG_CACHE_HOME/timesformer-convert``, else
+``~/.cache/timesformer-convert``. Every entry is built under a temporary name and renamed into place once complete,
+while a file lock beside it makes parallel processes (pytest-xdist workers, concurrent CLI runs) build it once: the
+first one builds, the others wait and reuse the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "TIMESFORMER_CONVERT_CACHE"
+LOCK_TIMEOUT_SECONDS = 3600
+
+
+def cache_dir() -> Path:
+    """The cache root (see the module docstring); created if missing."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        root = Path(configured)
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "timesformer-convert"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def build_once(target: Path, build: Callable[[Path], None], on_built: Callable[[Path], None] | None = None) -> Path:
+    """Return ``target``, building it first if it does not exist.
+
+    ``build(staging)`` must create ``staging`` (a file or a folder); it is renamed to ``target`` only when ``build``
+    returns. Concurrent callers for the same target are serialised by a lock file beside it, so the work is done once.
+    ``on_built`` is called only by the process that did the work.
+    """
+    target = Path(target)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=LOCK_TIMEOUT_SECONDS):
+        if target.exists():
+            return target
+        staging_root = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        staging = staging_root / target.name
+        try:
+            build(staging)
+            if not staging.exists():
+                raise RuntimeError(f"building {target} produced nothing")
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        logger.info("built %s", target)
+        if on_built is not None:
+            on_built(target)
+    return target
+
+
+def clean(root: Path | None = None) -> int:
+    """Delete everything in the cache; return the number of bytes freed."""
+    root = root or cache_dir()
+    freed = sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+    for entry in root.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return freed

@@ -1,0 +1,227 @@
+"""Command line: ``timesformer-convert {convert,list,rules,selfcheck}``.
+
+Every error a user can cause is printed as one line on stderr starting with ``error:``, the exit status is non-zero,
+and no output folder is left behind. ``--debug`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import ConversionError
+
+logger = logging.getLogger("timesformer_convert")
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="timesformer-convert",
+        description="Convert original TimeSformer checkpoints to Hugging Face transformers and verify them.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show progress messages")
+    # The same switches after the command name; SUPPRESS keeps the top-level value when they are not given there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show progress")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert", parents=[common], help="convert one checkpoint file to a transformers folder"
+    )
+    convert.add_argument("source", help="original checkpoint file (.pyth / .pth)")
+    convert.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
+    convert.add_argument("--variant", help="declared variant; its shape is checked against the checkpoint's")
+    convert.add_argument("--num-attention-heads", type=_positive, help="heads per layer (default: hidden size / 64)")
+    convert.add_argument("--num-frames", type=_positive, help="frame count for space-only models (no time embedding)")
+    convert.add_argument("--labels", type=Path, help='JSON label map {"0": "name", ...} to put in config.json')
+    convert.add_argument(
+        "--fetch-labels", action="store_true", help="download the variant's label map from the Hugging Face hub"
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    listing = commands.add_parser("list", parents=[common], help="list the released variants")
+    listing.add_argument("--json", action="store_true", help="print a JSON list")
+
+    rules = commands.add_parser("rules", parents=[common], help="print the rename rule table")
+    rules.add_argument("--json", action="store_true", help="print a JSON list")
+
+    selfcheck = commands.add_parser(
+        "selfcheck",
+        parents=[common],
+        help="build synthetic checkpoints of the released variants, convert and verify them (offline)",
+    )
+    selfcheck.add_argument("--variant", action="append", help="check only this variant (repeatable)")
+    selfcheck.add_argument(
+        "--forward-blocks",
+        type=_positive,
+        default=1,
+        help="blocks in the model used for the forward check (default 1)",
+    )
+    selfcheck.add_argument("--work-dir", type=Path, help="keep checkpoints and conversions here (default: temporary)")
+    selfcheck.add_argument("--json", type=Path, help="also write the table as JSON to this file")
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(error).__name__
+
+
+def _command_list(args) -> int:
+    from .variants import VARIANTS
+
+    if args.json:
+        print(json.dumps([variant.as_dict() for variant in VARIANTS.values()], indent=2))
+        return 0
+    print(f"{'variant':<36} {'frames':>6} {'size':>5} {'labels':>6}  dataset")
+    for variant in VARIANTS.values():
+        print(
+            f"{variant.name:<36} {variant.num_frames:>6} {variant.image_size:>5} {variant.num_labels:>6}  "
+            f"{variant.dataset}"
+        )
+    return 0
+
+
+def _command_rules(args) -> int:
+    from .rules import as_table
+
+    table = as_table()
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    for row in table:
+        print(f"{row['name']:<20} {row['source']:<36} -> {row['target']}")
+    return 0
+
+
+def _resolve_labels(args, variant, num_labels):
+    from .labels import hub_label_file, read_label_file
+
+    if args.labels is not None:
+        return read_label_file(args.labels, num_labels)
+    if variant is None:
+        logger.warning("no label map: config.json gets generic LABEL_N names; pass --labels FILE (JSON index -> name)")
+        return None
+    path = hub_label_file(variant, download=args.fetch_labels)
+    if path is None:
+        how = "pass --labels FILE" if args.fetch_labels else "pass --labels FILE or --fetch-labels"
+        logger.warning(
+            "no label map for %s (%s not in the hub cache): config.json gets generic LABEL_N names; %s",
+            variant.name,
+            variant.label_file,
+            how,
+        )
+        return None
+    return read_label_file(path, num_labels)
+
+
+def _command_convert(args) -> int:
+    from .checkpoint import read_state_dict
+    from .config import infer_shape
+    from .convert import convert_state_dict, write_output
+    from .variants import get_variant
+
+    variant = get_variant(args.variant) if args.variant else None
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out}: already exists; pass --overwrite to replace it, or choose another --out")
+    if args.labels is not None and not args.labels.is_file():
+        raise ConversionError(f"{args.labels}: label file not found; give a JSON file mapping class index to name")
+
+    started = time.perf_counter()
+    state_dict = read_state_dict(args.source)
+    heads = args.num_attention_heads
+    shape = infer_shape(state_dict, num_attention_heads=heads, num_frames=args.num_frames, source=args.source)
+    labels = _resolve_labels(args, variant, shape.num_labels)
+    tensors, config, shape, counts = convert_state_dict(
+        state_dict, variant, heads, args.num_frames, labels, source=args.source
+    )
+    metadata = {"source_file": Path(args.source).name, "variant": variant.name if variant else ""}
+    write_output(args.out, tensors, config, shape.image_size, metadata, overwrite=args.overwrite)
+    frames = shape.num_frames if shape.num_frames is not None else config.num_frames
+    print(
+        f"converted {args.source} -> {args.out}: {len(tensors)} tensors, {shape.attention_type}, "
+        f"{frames} frames x {shape.image_size} px, {shape.num_labels} labels"
+        f"{' (named)' if labels else ''}, {time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
+def _command_selfcheck(args) -> int:
+    from .selfcheck import format_table, run_selfcheck
+    from .variants import VARIANTS, get_variant
+
+    variants = [get_variant(name) for name in args.variant] if args.variant else list(VARIANTS.values())
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        rows = run_selfcheck(variants, args.work_dir, args.forward_blocks)
+    else:
+        with tempfile.TemporaryDirectory(prefix="timesformer-selfcheck-") as work_dir:
+            rows = run_selfcheck(variants, Path(work_dir), args.forward_blocks)
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps([row.as_dict() for row in rows], indent=2) + "\n")
+    failed = [row.variant for row in rows if not row.ok]
+    if failed:
+        print(f"error: {len(failed)} variant(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"all {len(rows)} variants converted with complete key coverage and matching logits")
+    return 0
+
+
+COMMANDS = {
+    "convert": _command_convert,
+    "list": _command_list,
+    "rules": _command_rules,
+    "selfcheck": _command_selfcheck,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    if not args.debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        try:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.set_verbosity_error()
+            transformers_logging.disable_progress_bar()
+        except ImportError:
+            pass
+    try:
+        return COMMANDS[args.command](args)
+    except (ConversionError, FileExistsError, OSError) as error:
+        if args.debug:
+            logger.exception("failed")
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

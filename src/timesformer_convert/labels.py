@@ -1,0 +1,67 @@
+"""Label maps (class index to name) for converted models.
+
+A label map is a JSON object ``{"0": "abseiling", ...}``. It comes from a file the user names, or from the Hugging
+Face hub dataset that holds the released label files, through ``huggingface_hub`` and its cache. Downloading is only
+done when asked for; by default only the local hub cache is consulted, so an offline machine with a warm cache works
+and a conversion never reaches the network on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .errors import ConversionError
+from .variants import LABEL_REPO, Variant
+
+logger = logging.getLogger(__name__)
+
+
+def read_label_file(path: str | os.PathLike, num_labels: int | None = None) -> dict[int, str]:
+    """Read a JSON label map and return ``{index: name}``.
+
+    Raises ConversionError naming the file when it cannot be read, is not a JSON object of index to name, or does not
+    hold exactly ``num_labels`` consecutive indices from 0.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read the label file ({e.strerror or e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: the label file is not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path}: the label file must be a JSON object mapping class index to name")
+    try:
+        labels = {int(index): str(name) for index, name in raw.items()}
+    except ValueError as e:
+        raise ConversionError(f'{path}: label file keys must be class indices ("0", "1", ...)') from e
+    if num_labels is not None and sorted(labels) != list(range(num_labels)):
+        raise ConversionError(
+            f"{path}: holds {len(labels)} labels, but the checkpoint's head has {num_labels} classes"
+        )
+    return labels
+
+
+def hub_label_file(variant: Variant, download: bool = False) -> Path | None:
+    """Path of ``variant``'s label file from the hub cache, or None when it is not cached.
+
+    With ``download`` the file is fetched when missing (network access to the hub). Without it only the local cache
+    is read. Errors from the hub are logged and give None.
+    """
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of transformers
+        return None
+    try:
+        return Path(
+            hf_hub_download(LABEL_REPO, variant.label_file, repo_type="dataset", local_files_only=not download)
+        )
+    except LocalEntryNotFoundError:
+        return None
+    except Exception as e:  # the hub client raises many types for network and permission failures
+        logger.warning("could not get %s from the hub dataset %s: %s", variant.label_file, LABEL_REPO, e)
+        return None

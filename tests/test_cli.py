@@ -1,0 +1,164 @@
+"""The command line as a user runs it: a subprocess, its exit status, stdout and the one-line errors on stderr."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from timesformer_convert.config import DIVIDED, ModelShape
+from timesformer_convert.reference import synthetic_checkpoint
+
+TINY = ModelShape(32, 2, 2, 64, 4, 32, 16, 5, DIVIDED)
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "timesformer_convert.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    __tracebackhide__ = True
+    assert result.returncode != 0, f"expected failure, got exit 0\n{result.stdout}"
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, f"expected one 'error:' line, got:\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    path = tmp_path / "tiny.pyth"
+    torch.save(synthetic_checkpoint(TINY), path)
+    return path
+
+
+def test_list_json_has_the_registry_fields():
+    result = run_cli("list", "--json")
+
+    assert result.returncode == 0, result.stderr
+    variants = json.loads(result.stdout)
+    assert len(variants) == 9
+    for variant in variants:
+        assert {"name", "num_frames", "image_size", "num_labels", "attention_type", "url"} <= set(variant)
+    by_name = {variant["name"]: variant for variant in variants}
+    assert by_name["timesformer-large-finetuned-ssv2"]["num_frames"] == 64
+    assert by_name["timesformer-hr-finetuned-k600"]["image_size"] == 448
+
+
+def test_rules_json_lists_every_rule():
+    from timesformer_convert.rules import RULES
+
+    result = run_cli("rules", "--json")
+
+    assert [row["name"] for row in json.loads(result.stdout)] == [rule.name for rule in RULES]
+
+
+def test_convert_writes_a_loadable_folder(tiny_checkpoint, tmp_path):
+    from transformers import TimesformerForVideoClassification
+
+    result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", "--num-attention-heads", "2")
+
+    assert result.returncode == 0, result.stderr
+    assert "converted" in result.stdout and "divided_space_time" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    model = TimesformerForVideoClassification.from_pretrained(tmp_path / "out")
+    assert model.config.num_attention_heads == 2 and model.config.num_frames == 4
+
+
+def test_convert_without_labels_warns_how_to_supply_them(tiny_checkpoint, tmp_path):
+    result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out")
+
+    assert result.returncode == 0, result.stderr
+    assert "--labels FILE" in result.stderr
+
+
+def test_convert_with_a_label_file(tiny_checkpoint, tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({str(i): f"class {i}" for i in range(5)}))
+
+    result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", "--labels", labels)
+
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"]["3"] == "class 3"
+
+
+def test_label_file_of_the_wrong_size_is_refused(tiny_checkpoint, tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"0": "a"}))
+
+    result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", "--labels", labels)
+
+    assert_one_line_error(result, str(labels), "5 classes")
+    assert not (tmp_path / "out").exists()
+
+
+def test_declared_variant_mismatch_exits_with_one_line(tiny_checkpoint, tmp_path):
+    result = run_cli(
+        "convert", tiny_checkpoint, "--out", tmp_path / "out", "--variant", "timesformer-hr-finetuned-k400"
+    )
+
+    assert_one_line_error(result, "num_frames: checkpoint 4, timesformer-hr-finetuned-k400 declares 16")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*")), "a staging folder was left behind"
+
+
+def test_missing_source_exits_with_one_line(tmp_path):
+    result = run_cli("convert", tmp_path / "nope.pyth", "--out", tmp_path / "out")
+
+    assert_one_line_error(result, "nope.pyth", "no such file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_kept_without_overwrite(tiny_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+
+    result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out")
+
+    assert_one_line_error(result, "already exists", "--overwrite")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_the_folder(tiny_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("old")
+
+    result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", "--overwrite")
+
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "out" / "stale.txt").exists()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "convert", tmp_path / "nope.pyth", "--out", tmp_path / "out")
+
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+@pytest.mark.slow
+def test_selfcheck_prints_a_row_per_variant(tmp_path):
+    result = run_cli("selfcheck", "--variant", "timesformer-base-finetuned-ssv2", "--json", tmp_path / "rows.json")
+
+    assert result.returncode == 0, result.stderr
+    assert "timesformer-base-finetuned-ssv2" in result.stdout and "complete" in result.stdout
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows[0]["ok"] and rows[0]["tensors"] == 249 and rows[0]["roundtrip"] == "identical"
