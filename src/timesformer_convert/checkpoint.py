@@ -7,12 +7,16 @@ memory-mapped, so a 486 MB checkpoint is not read into memory before its tensors
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
+import pickletools
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -51,6 +55,8 @@ def check_readable(path: Path) -> int:
         raise CheckpointError(f"{path}: no such file; give the path of a TimeSformer checkpoint (.pyth or .pth)")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file; give the .pyth file inside it")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: is not a regular file (a device, socket or pipe); give a checkpoint file")
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -61,37 +67,190 @@ def check_readable(path: Path) -> int:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from e
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); the download or copy did not complete")
+    imports = _text_pickle_imports(path, head)
+    if imports:
+        raise CheckpointError(
+            f"{path}: is not a plain weights file: it is a Python pickle that imports {', '.join(imports)}, which "
+            "runs code when loaded; it was not loaded"
+        )
     kind = _describe_text(head)
     if kind is not None:
         raise CheckpointError(f"{path}: is {kind}, not a checkpoint ({size} bytes); it was not loaded")
     return size
 
 
+# --- telling file formats apart without unpickling anything ---------------------------------------------------------
+
+_ZIP_MAGIC = b"PK\x03\x04"
+# A checkpoint's pickle is tens of KB (its tensors are stored beside it); a scan reads no more than this.
+_PICKLE_SCAN_LIMIT = 64 * 2**20
+_FOREIGN_SCAN_LIMIT = 2**20
+_STRING_OPCODES = {
+    "SHORT_BINUNICODE",
+    "BINUNICODE",
+    "BINUNICODE8",
+    "UNICODE",
+    "SHORT_BINSTRING",
+    "BINSTRING",
+    "STRING",
+}
+_PUT_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+_GET_OPCODES = {"GET", "BINGET", "LONG_BINGET"}
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def pickle_imports(stream: IO[bytes]) -> list[str]:
+    """Read one pickle from ``stream`` opcode by opcode, without executing it, and return the globals it imports
+    (``module.name``), in order of appearance.
+
+    Uses :func:`pickletools.genops`, which decodes instructions and never builds or calls anything. Raises ValueError
+    when the bytes are not a well-formed pickle.
+    """
+    imports: list[str] = []
+    strings: list[str | None] = []  # what each instruction pushed, when it was a string (for STACK_GLOBAL)
+    memo: dict[object, str | None] = {}
+    for opcode, arg, _ in pickletools.genops(stream):
+        name = opcode.name
+        if name in ("GLOBAL", "INST"):
+            imports.append(".".join(str(arg).split(" ", 1)))
+        elif name == "STACK_GLOBAL":
+            module, attribute = strings[-2:] if len(strings) >= 2 else (None, None)
+            imports.append(f"{module}.{attribute}" if module and attribute else "an object named at run time")
+        if name in _STRING_OPCODES:
+            strings.append(arg.decode("latin-1") if isinstance(arg, bytes) else str(arg))
+        elif name in _PUT_OPCODES:
+            memo[arg if name != "MEMOIZE" else len(memo)] = strings[-1] if strings else None
+        elif name in _GET_OPCODES:
+            strings.append(memo.get(arg))
+        elif name not in ("FRAME", "PROTO", "STOP"):
+            strings.append(None)
+    return imports
+
+
+def _risky(imports: list[str]) -> list[str]:
+    """The imports a plain torch state dict never needs: anything outside torch and ``collections.OrderedDict``."""
+    plain = ("torch.", "collections.OrderedDict")
+    return sorted({name for name in imports if not name.startswith(plain)})
+
+
+def _text_pickle_imports(path: Path, head: bytes) -> list[str]:
+    """Imports of a pickle that does not start like a torch checkpoint (a raw ``pickle.dump`` of any protocol, which
+    may look like text), or an empty list when ``path`` is not such a pickle."""
+    if head.startswith(_ZIP_MAGIC) or _is_legacy_torch(head):
+        return []
+    try:
+        with path.open("rb") as handle:
+            imports = pickle_imports(io.BytesIO(handle.read(_FOREIGN_SCAN_LIMIT)))
+    except (ValueError, OSError, EOFError):
+        return []
+    # Text that happens to decode as opcodes names no importable module; a real pickle's imports are dotted names.
+    return [name for name in imports if _NAME_RE.fullmatch(name)] if imports else []
+
+
+def _is_legacy_torch(head: bytes) -> bool:
+    """Whether ``head`` starts with the pickled magic number of torch's legacy (pre-1.6, non-zip) format."""
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(head)):
+            if opcode.name in ("LONG1", "LONG", "LONG4", "INT"):
+                return arg == torch.serialization.MAGIC_NUMBER
+            if opcode.name not in ("PROTO", "FRAME"):
+                return False
+    except ValueError:
+        return False
+    return False
+
+
+def _zip_pickle(path: Path, size: int) -> str:
+    """Name of the pickle inside a torch zip checkpoint. Raises CheckpointError for a truncated or foreign zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        # A zip's directory sits at its end, so a cut-off download loses it first.
+        detail = "its directory at the end is missing: the file was cut off" if not zipfile.is_zipfile(path) else e
+        raise CheckpointError(
+            f"{path}: is a zip archive that is truncated or corrupt ({size} bytes; {detail}); it was not loaded. "
+            "Download or copy it again"
+        ) from e
+    pickles = [name for name in names if name.endswith("/data.pkl") or name == "data.pkl"]
+    if len(pickles) != 1:
+        raise CheckpointError(
+            f"{path}: is a zip archive but not a PyTorch checkpoint ({len(pickles)} data.pkl among its "
+            f"{len(names)} entries, expected 1); it was not loaded"
+        )
+    return pickles[0]
+
+
+def _scan_checkpoint_pickle(path: Path, is_zip: bool) -> list[str] | None:
+    """Imports of a torch checkpoint's main pickle, or None when that pickle is not well formed."""
+    try:
+        if is_zip:
+            name = _zip_pickle(path, 0)
+            with zipfile.ZipFile(path) as archive, archive.open(name) as handle:
+                return pickle_imports(io.BytesIO(handle.read(_PICKLE_SCAN_LIMIT)))
+        # The legacy format is a sequence of pickles: magic number, protocol, system info, then the object.
+        with path.open("rb") as handle:
+            stream = io.BytesIO(handle.read(_PICKLE_SCAN_LIMIT))
+        imports: list[str] = []
+        for _ in range(4):
+            imports += pickle_imports(stream)
+        return imports
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, CheckpointError):
+        return None
+
+
 def load_checkpoint(path: str | os.PathLike) -> object:
     """Unpickle a checkpoint with ``weights_only=True``, memory-mapped when the file is in torch's zip format.
 
     Returns whatever object the file holds (usually a dict). Raises CheckpointError for a missing, unreadable, empty,
-    text, truncated or corrupt file, and for a pickle that asks for anything other than plain weights.
+    text, truncated or corrupt file, and for a pickle that asks for anything other than plain weights. Nothing in the
+    file is executed: formats are told apart by their first bytes and by decoding pickle instructions, never by
+    running them, and ``torch.load`` runs only with ``weights_only=True``. There is no unsafe fallback.
     """
     path = Path(path)
     size = check_readable(path)
-    is_zip = zipfile.is_zipfile(path)
+    with path.open("rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    is_zip = head.startswith(_ZIP_MAGIC)
+    if is_zip:
+        _zip_pickle(path, size)
+    elif not _is_legacy_torch(head):
+        raise CheckpointError(
+            f"{path}: is not a PyTorch checkpoint: it starts with neither torch's zip signature nor its legacy "
+            f"pickle header ({size} bytes); it was not loaded. Download or copy it again"
+        )
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
-        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), "")
+        raise _refusal(path, is_zip, e) from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
+        why = "a torch zip archive" if is_zip else "a legacy torch checkpoint"
         raise CheckpointError(
-            f"{path}: is not a plain weights file: its pickle asks to import or call code"
-            f"{' (' + detail.strip() + ')' if detail else ''}; it was not loaded. Re-save the weights alone with "
-            "torch.save(state_dict) from a trusted environment"
+            f"{path}: is {why} that is truncated or corrupt ({size} bytes; {_first_line(e)}); it was not loaded. "
+            "Download or copy it again"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        if is_zip:
-            why = "a torch zip archive that is truncated or corrupt"
-        else:
-            why = "not a PyTorch checkpoint (neither torch's zip format nor a legacy pickle)"
-        raise CheckpointError(f"{path}: is {why} ({size} bytes); download or copy it again") from e
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _refusal(path: Path, is_zip: bool, error: pickle.UnpicklingError) -> CheckpointError:
+    """The error for a checkpoint ``torch.load(weights_only=True)`` refused, saying what its pickle asks for."""
+    imports = _scan_checkpoint_pickle(path, is_zip)
+    if imports is None:
+        return CheckpointError(
+            f"{path}: is a torch checkpoint whose pickle is corrupt ({_first_line(error)}); it was not loaded. "
+            "Download or copy it again"
+        )
+    risky = _risky(imports)
+    asks = f"imports {', '.join(risky)}, which can run code" if risky else f"is refused ({_first_line(error)})"
+    return CheckpointError(
+        f"{path}: is not a plain weights file: its pickle {asks}; it was not loaded. Re-save the weights alone "
+        "with torch.save(model.state_dict()) where the file is trusted"
+    )
 
 
 def extract_state_dict(checkpoint: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:

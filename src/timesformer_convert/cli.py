@@ -137,20 +137,24 @@ def _resolve_labels(args, variant, num_labels):
 
 def _command_convert(args) -> int:
     from .checkpoint import read_state_dict
-    from .config import infer_shape
-    from .convert import convert_state_dict, write_output
+    from .config import check_variant, infer_shape
+    from .convert import check_output, check_tensors, convert_state_dict, write_output
     from .variants import get_variant
 
     variant = get_variant(args.variant) if args.variant else None
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out}: already exists; pass --overwrite to replace it, or choose another --out")
+    check_output(args.out, args.overwrite, args.source)
     if args.labels is not None and not args.labels.is_file():
         raise ConversionError(f"{args.labels}: label file not found; give a JSON file mapping class index to name")
 
     started = time.perf_counter()
     state_dict = read_state_dict(args.source)
     heads = args.num_attention_heads
+    check_tensors(state_dict, args.source)
     shape = infer_shape(state_dict, num_attention_heads=heads, num_frames=args.num_frames, source=args.source)
+    # Refuse a wrong variant before any label lookup, so the refusal comes alone. (A space-only checkpoint has no
+    # frame count of its own yet: convert_state_dict takes the variant's and checks it.)
+    if variant is not None and shape.num_frames is not None:
+        check_variant(shape, variant, args.source)
     labels = _resolve_labels(args, variant, shape.num_labels)
     tensors, config, shape, counts = convert_state_dict(
         state_dict, variant, heads, args.num_frames, labels, source=args.source
@@ -221,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Exception as error:  # an input the checks above did not foresee: still one line, no output written
+        if args.debug:
+            logger.exception("failed")
+        print(
+            f"error: unexpected {type(error).__name__}: {_one_line(error)}; no output was written; rerun with --debug "
+            "for the traceback",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

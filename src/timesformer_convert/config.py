@@ -21,7 +21,8 @@ from .variants import Variant
 DIVIDED, JOINT, SPACE_ONLY = "divided_space_time", "joint_space_time", "space_only"
 ATTENTION_TYPES = (DIVIDED, JOINT, SPACE_ONLY)
 
-_BLOCK_RE = re.compile(r"blocks\.(0|[1-9][0-9]*)\.")
+# Up to a million blocks: a longer index is no block of a real model (and may not even convert to an int).
+_BLOCK_RE = re.compile(r"blocks\.(0|[1-9][0-9]{0,5})\.")
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,24 @@ class ModelShape:
         )
 
 
-def _require(state_dict: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
+def _require(state_dict: Mapping[str, torch.Tensor], key: str, source: str, layout: str) -> torch.Tensor:
+    """The tensor at ``key``, checked to have as many dimensions as ``layout`` names (e.g. "(1, frames, hidden)"),
+    none of them empty, since the model's shape is read from them."""
     if key not in state_dict:
         raise ConversionError(f"{source}: required key {key!r} is missing; this is not a complete TimeSformer model")
-    return state_dict[key]
+    tensor = state_dict[key]
+    if tensor.ndim != layout.count(",") + 1 or 0 in tensor.shape:
+        raise ConversionError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {layout}")
+    return tensor
+
+
+def _missing_blocks(blocks: list[int], shown: int = 10) -> str:
+    """Describe the gaps in sorted block indices, listing at most ``shown`` of them (an index may be huge)."""
+    present = set(blocks)
+    count = blocks[-1] + 1 - len(blocks)
+    first = [index for index in range(len(blocks) + shown) if index not in present][:shown]
+    more = f" and {count - len(first)} more" if count > len(first) else ""
+    return f"{count} blocks are missing ({', '.join(map(str, first))}{more})"
 
 
 def infer_shape(
@@ -78,28 +93,27 @@ def infer_shape(
     """
     bare = {strip_prefixes(key): tensor for key, tensor in state_dict.items()}
 
-    hidden = _require(bare, "cls_token", source).shape[-1]
-    patch_weight = _require(bare, "patch_embed.proj.weight", source)
-    if patch_weight.ndim != 4 or patch_weight.shape[-1] != patch_weight.shape[-2]:
+    hidden = _require(bare, "cls_token", source, "(1, 1, hidden)").shape[-1]
+    patch_weight = _require(bare, "patch_embed.proj.weight", source, "(hidden, channels, patch, patch)")
+    if patch_weight.shape[-1] != patch_weight.shape[-2]:
         raise ConversionError(
             f"{source}: 'patch_embed.proj.weight' has shape {tuple(patch_weight.shape)}, "
             "expected (hidden, channels, patch, patch)"
         )
     patch = int(patch_weight.shape[-1])
 
-    positions = _require(bare, "pos_embed", source).shape[1] - 1
+    positions = _require(bare, "pos_embed", source, "(1, 1 + patches, hidden)").shape[1] - 1
     side = math.isqrt(positions)
-    if side * side != positions:
+    if side == 0 or side * side != positions:
         raise ConversionError(f"{source}: 'pos_embed' holds {positions} patch positions, which is not a square grid")
 
-    head = _require(bare, "head.weight", source)
+    head = _require(bare, "head.weight", source, "(classes, hidden)")
     blocks = sorted({int(m.group(1)) for key in bare if (m := _BLOCK_RE.match(key))})
     if not blocks:
         raise ConversionError(f"{source}: no transformer blocks ('blocks.N.*' keys) found")
     if blocks != list(range(len(blocks))):
-        missing = sorted(set(range(blocks[-1] + 1)) - set(blocks))
-        raise ConversionError(f"{source}: blocks {missing} are missing; block indices must run from 0 without gaps")
-    fc1 = _require(bare, "blocks.0.mlp.fc1.weight", source)
+        raise ConversionError(f"{source}: {_missing_blocks(blocks)}; block indices must run from 0 without gaps")
+    fc1 = _require(bare, "blocks.0.mlp.fc1.weight", source, "(mlp, hidden)")
 
     has_time = "time_embed" in bare
     has_temporal = any(".temporal_" in key for key in bare)
@@ -110,7 +124,7 @@ def infer_shape(
     attention_type = DIVIDED if has_temporal else JOINT if has_time else SPACE_ONLY
 
     if has_time:
-        read_frames = int(bare["time_embed"].shape[1])
+        read_frames = int(_require(bare, "time_embed", source, "(1, frames, hidden)").shape[1])
         if num_frames is not None and num_frames != read_frames:
             raise VariantMismatchError(
                 f"{source}: the time embedding holds {read_frames} frames but {num_frames} were asked for"

@@ -8,10 +8,13 @@ that is moved into place only once complete and re-read.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -63,15 +66,26 @@ def expected_tensors(config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {key: (tuple(tensor.shape), tensor.dtype) for key, tensor in model.state_dict().items()}
 
 
-def check_coverage(converted: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str) -> None:
+def check_coverage(
+    converted: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple],
+    source: str,
+    origins: Mapping[str, str] | None = None,
+) -> None:
     """Raise CoverageError unless ``converted`` has exactly the ``expected`` keys, each with the expected shape.
 
-    The message lists missing, unexpected and shape-mismatched keys, sorted, one kind per line, with counts.
+    The message lists missing, unexpected and shape-mismatched keys, sorted, one kind per line, with counts. With
+    ``origins`` (converted key -> checkpoint key) unexpected and mismatched keys also name the checkpoint's key.
     """
+
+    def named(key: str) -> str:
+        origin = (origins or {}).get(key)
+        return f"{key} (from {origin})" if origin else key
+
     missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
+    unexpected = sorted(named(key) for key in set(converted) - set(expected))
     mismatched = sorted(
-        f"{key}: checkpoint {tuple(converted[key].shape)}, model {expected[key][0]}"
+        f"{named(key)}: checkpoint {tuple(converted[key].shape)}, model {expected[key][0]}"
         for key in set(converted) & set(expected)
         if tuple(converted[key].shape) != expected[key][0]
     )
@@ -81,6 +95,28 @@ def check_coverage(converted: Mapping[str, torch.Tensor], expected: Mapping[str,
             if keys:
                 lines.append(f"  {kind} ({len(keys)}): " + ", ".join(keys))
         raise CoverageError("\n".join(lines))
+
+
+def check_tensors(state_dict: Mapping, source: str) -> None:
+    """Raise ConversionError naming every entry of ``state_dict`` that cannot be written as a weight: a key that is
+    not a string, a value that is not a tensor, a sparse or quantized tensor, one without data (``meta`` device), or
+    a dtype other than float32, float16, bfloat16 and float64."""
+    problems = []
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str):
+            problems.append(f"{key!r} (a {type(key).__name__} key, not a string)")
+        elif not isinstance(tensor, torch.Tensor):
+            problems.append(f"{key} (a {type(tensor).__name__}, not a tensor)")
+        elif tensor.layout != torch.strided:
+            problems.append(f"{key} ({str(tensor.layout).removeprefix('torch.')} layout, not dense)")
+        elif tensor.device.type == "meta":
+            problems.append(f"{key} (no data: saved from the meta device)")
+        elif tensor.dtype not in DTYPE_CODES:
+            problems.append(f"{key} ({str(tensor.dtype).removeprefix('torch.')})")
+    if problems:
+        kinds = "/".join(str(dtype).removeprefix("torch.") for dtype in DTYPE_CODES)
+        count = "1 entry is" if len(problems) == 1 else f"{len(problems)} entries are"
+        raise ConversionError(f"{source}: {count} not dense {kinds} weights: {', '.join(sorted(problems))}")
 
 
 def rename_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,6 +187,87 @@ def _check_written(folder: Path, tensors: Mapping[str, torch.Tensor]) -> None:
                 raise ConversionError(f"{folder / WEIGHTS_NAME}: {key} was written with the wrong shape")
 
 
+STAGING_MARK = ".partial-"
+
+
+def check_output(out_dir: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None):
+    """Refuse an output path whose replacement could lose something. Called before any work and again before writing.
+
+    Raises FileExistsError when ``out_dir`` exists and ``overwrite`` is false. With ``overwrite``, raises
+    ConversionError unless ``out_dir`` is a plain folder without subfolders (what a conversion writes) that neither
+    holds ``source`` nor the current working folder.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists; pass --overwrite to replace it, or choose another --out")
+
+    refuse = "--overwrite replaces only an earlier output folder; remove it yourself or choose another --out"
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        kind = "a symbolic link" if out_dir.is_symlink() else "a file"
+        raise ConversionError(f"{out_dir}: is {kind}, not an output folder; {refuse}")
+    target = out_dir.resolve()
+    protected = {"the current folder": Path.cwd().resolve()}
+    if source is not None:
+        protected["the checkpoint"] = Path(source).resolve()
+    for name, path in protected.items():
+        if path == target or target in path.parents:
+            raise ConversionError(f"{out_dir}: holds {name} ({path}); {refuse}")
+    subfolders = sorted(entry.name for entry in out_dir.iterdir() if entry.is_dir())
+    if subfolders:
+        raise ConversionError(
+            f"{out_dir}: holds folders ({', '.join(subfolders)}), which a conversion never writes; {refuse}"
+        )
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step with Linux's ``renameat2(RENAME_EXCHANGE)``, so that a reader (or a crash) never
+    sees neither. Returns False where the system or file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Move the complete ``staging`` folder to ``out_dir``, replacing an existing one with as small a gap as the
+    system allows: none where paths can be exchanged, else between two renames (the old folder then waits in a
+    ``.NAME.old-*`` folder beside it)."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+    elif _exchange(staging, out_dir):
+        shutil.rmtree(staging, ignore_errors=True)  # it now holds the old output
+    else:
+        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, retired / "old")
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:
+            os.replace(retired / "old", out_dir)
+            raise
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def leftover_staging(out_dir: Path) -> list[Path]:
+    """Folders beside ``out_dir`` left by conversions into it that were killed before they finished."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    marks = (f".{out_dir.name}{STAGING_MARK}", f".{out_dir.name}.old-")
+    return sorted(path for path in out_dir.parent.iterdir() if path.name.startswith(marks))
+
+
 def write_output(
     out_dir: Path,
     tensors: Mapping[str, torch.Tensor],
@@ -161,26 +278,31 @@ def write_output(
 ) -> Path:
     """Write weights, config and preprocessor config to a temporary folder beside ``out_dir`` and move it into place.
 
-    An existing ``out_dir`` is replaced only with ``overwrite``; until the new folder is complete the old one is left
-    untouched. Raises FileExistsError (without writing anything) when ``out_dir`` exists and ``overwrite`` is false.
+    The temporary folder is named ``.NAME.partial-*`` and becomes ``out_dir`` only once every file is written and the
+    weights re-read; until then an existing ``out_dir`` is left untouched, and it is replaced only with ``overwrite``
+    (see :func:`check_output`). A process killed part-way leaves its ``.NAME.partial-*`` folder behind: nothing reads
+    it as output, and it is not deleted by later runs, which cannot tell it from the folder of a conversion still
+    running; they log a warning naming it. Raises FileExistsError (without writing anything) when ``out_dir`` exists
+    and ``overwrite`` is false, ConversionError when it must not be replaced.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists; pass --overwrite to replace it, or choose another --out")
+    check_output(out_dir, overwrite)
+    leftovers = leftover_staging(out_dir)
+    if leftovers:
+        logger.warning(
+            "%d folder(s) left beside %s by interrupted conversions: %s; they are never used as output, delete them",
+            len(leftovers),
+            out_dir,
+            ", ".join(path.name for path in leftovers),
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{STAGING_MARK}", dir=out_dir.parent))
     try:
         write_safetensors(staging / WEIGHTS_NAME, tensors, metadata={"format": "pt", **metadata})
         config.to_json_file(staging / CONFIG_NAME)
         (staging / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_config(image_size), indent=2) + "\n")
         _check_written(staging, tensors)
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, retired / "old")
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        _replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -197,15 +319,18 @@ def convert_state_dict(
 ):
     """Convert an in-memory original state dict. Returns ``(tensors, config, shape, rules_used)``, checked against
     transformers' model. Raises ConversionError (or a subclass) naming the file and keys on any problem."""
+    check_tensors(state_dict, source)
     if variant is not None and num_frames is None and not any(strip_prefixes(k) == "time_embed" for k in state_dict):
         num_frames = variant.num_frames
     shape = infer_shape(state_dict, num_attention_heads=num_attention_heads, num_frames=num_frames, source=source)
     if variant is not None:
         check_variant(shape, variant, source)
 
-    renamed = rename_state_dict(state_dict)
+    # Everything above reads shapes only; building the model's key table and copying tensors come after.
+    mapping = rename_keys(state_dict)
+    renamed = {mapping[key]: tensor for key, tensor in state_dict.items()}
     config = transformers_config(shape, variant, id2label)
-    check_coverage(renamed, expected_tensors(config), source)
+    check_coverage(renamed, expected_tensors(config), source, origins={target: key for key, target in mapping.items()})
     tensors = prepare_tensors(renamed, source)
 
     counts = rules_used(strip_prefixes(key) for key in state_dict)
@@ -230,8 +355,7 @@ def convert_checkpoint(
     started = time.perf_counter()
     source = Path(source)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists; pass --overwrite to replace it, or choose another --out")
+    check_output(out_dir, overwrite, source)
 
     state_dict = read_state_dict(source)
     tensors, config, shape, counts = convert_state_dict(

@@ -127,13 +127,15 @@ def match_rule(key: str, rules: Iterable[Rule] = RULES) -> tuple[Rule, str]:
 def rename_keys(keys: Iterable[str], rules: Iterable[Rule] = RULES) -> dict[str, str]:
     """Map every original key to its transformers key.
 
-    Prefixes are stripped first. Raises RuleError naming the offending keys when a key matches no rule, when two
-    source keys are the same after prefix stripping, or when two keys would be renamed to the same target.
+    Prefixes are stripped first. Raises RuleError naming the offending keys when keys match no rule (all of them are
+    listed), when two source keys are the same after prefix stripping, or when two keys would be renamed to the same
+    target.
     """
     rules = tuple(rules)
     renamed: dict[str, str] = {}
     stripped_from: dict[str, str] = {}
     produced_by: dict[str, str] = {}
+    unknown: list[str] = []
     for key in keys:
         bare = strip_prefixes(key)
         if bare in stripped_from:
@@ -142,11 +144,29 @@ def rename_keys(keys: Iterable[str], rules: Iterable[Rule] = RULES) -> dict[str,
                 "removed; the checkpoint holds two copies of one weight, keep only one"
             )
         stripped_from[bare] = key
-        _, target = match_rule(bare, rules)
+        try:
+            _, target = match_rule(bare, rules)
+        except RuleError:
+            if len([rule for rule in rules if rule.apply(bare) is not None]) > 1:
+                raise  # an ambiguous table is a bug in the rules, not in the checkpoint
+            unknown.append(key)
+            continue
         if target in produced_by:
             raise RuleError(f"keys {produced_by[target]!r} and {key!r} would both become {target!r}")
         produced_by[target] = key
         renamed[key] = target
+    if len(unknown) == 1:
+        bare = strip_prefixes(unknown[0])
+        where = f" (checkpoint key {unknown[0]!r})" if bare != unknown[0] else ""
+        raise RuleError(
+            f"key {bare!r} matches no rename rule{where}: it is not part of the original TimeSformer layout; "
+            "remove it from the checkpoint or add a rule for it"
+        )
+    if unknown:
+        raise RuleError(
+            f"{len(unknown)} keys match no rename rule: {', '.join(map(repr, sorted(unknown)))}; they are not part "
+            "of the original TimeSformer layout; remove them from the checkpoint or add rules for them"
+        )
     return renamed
 
 
