@@ -96,6 +96,8 @@ _STRING_OPCODES = {
 }
 _PUT_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 _GET_OPCODES = {"GET", "BINGET", "LONG_BINGET"}
+# Protocols 0-2 name a few Python 3 modules by their Python 2 names.
+_PYTHON2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -112,7 +114,8 @@ def pickle_imports(stream: IO[bytes]) -> list[str]:
     for opcode, arg, _ in pickletools.genops(stream):
         name = opcode.name
         if name in ("GLOBAL", "INST"):
-            imports.append(".".join(str(arg).split(" ", 1)))
+            module, _, attribute = str(arg).partition(" ")
+            imports.append(f"{_PYTHON2_MODULES.get(module, module)}.{attribute}")
         elif name == "STACK_GLOBAL":
             module, attribute = strings[-2:] if len(strings) >= 2 else (None, None)
             imports.append(f"{module}.{attribute}" if module and attribute else "an object named at run time")

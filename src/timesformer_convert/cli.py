@@ -137,8 +137,7 @@ def _resolve_labels(args, variant, num_labels):
 
 def _command_convert(args) -> int:
     from .checkpoint import read_state_dict
-    from .config import check_variant, infer_shape
-    from .convert import check_output, check_tensors, convert_state_dict, write_output
+    from .convert import check_output, convert_state_dict, transformers_config, write_output
     from .variants import get_variant
 
     variant = get_variant(args.variant) if args.variant else None
@@ -148,17 +147,13 @@ def _command_convert(args) -> int:
 
     started = time.perf_counter()
     state_dict = read_state_dict(args.source)
-    heads = args.num_attention_heads
-    check_tensors(state_dict, args.source)
-    shape = infer_shape(state_dict, num_attention_heads=heads, num_frames=args.num_frames, source=args.source)
-    # Refuse a wrong variant before any label lookup, so the refusal comes alone. (A space-only checkpoint has no
-    # frame count of its own yet: convert_state_dict takes the variant's and checks it.)
-    if variant is not None and shape.num_frames is not None:
-        check_variant(shape, variant, args.source)
-    labels = _resolve_labels(args, variant, shape.num_labels)
+    # Labels are looked up once the checkpoint passed every check, so that a refusal is the only line printed.
     tensors, config, shape, counts = convert_state_dict(
-        state_dict, variant, heads, args.num_frames, labels, source=args.source
+        state_dict, variant, args.num_attention_heads, args.num_frames, source=args.source
     )
+    labels = _resolve_labels(args, variant, shape.num_labels)
+    if labels:
+        config = transformers_config(shape, variant, labels)
     metadata = {"source_file": Path(args.source).name, "variant": variant.name if variant else ""}
     write_output(args.out, tensors, config, shape.image_size, metadata, overwrite=args.overwrite)
     frames = shape.num_frames if shape.num_frames is not None else config.num_frames
@@ -225,12 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
-    except Exception as error:  # an input the checks above did not foresee: still one line, no output written
+    except Exception as error:  # an input the checks above did not foresee: still one line
         if args.debug:
             logger.exception("failed")
         print(
-            f"error: unexpected {type(error).__name__}: {_one_line(error)}; no output was written; rerun with --debug "
-            "for the traceback",
+            f"error: unexpected {type(error).__name__}: {_one_line(error)}; rerun with --debug for the traceback",
             file=sys.stderr,
         )
         return EXIT_FAILED

@@ -176,15 +176,28 @@ def preprocessor_config(image_size: int) -> dict:
 
 
 def _check_written(folder: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Re-read the written weights' header: the same keys and shapes as ``tensors``, and a file of the right length.
+
+    Raises ConversionError naming the file otherwise.
+    """
     from safetensors import safe_open
 
-    with safe_open(folder / WEIGHTS_NAME, framework="pt") as handle:
-        keys = set(handle.keys())
-        if keys != set(tensors):
-            raise ConversionError(f"{folder / WEIGHTS_NAME}: written keys differ from the converted keys")
-        for key in keys:
-            if tuple(handle.get_slice(key).get_shape()) != tuple(tensors[key].shape):
-                raise ConversionError(f"{folder / WEIGHTS_NAME}: {key} was written with the wrong shape")
+    path = folder / WEIGHTS_NAME
+    try:
+        with safe_open(path, framework="pt") as handle:
+            keys = set(handle.keys())
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
+    except Exception as e:  # safetensors raises its own error type for a file it cannot parse
+        raise ConversionError(
+            f"{path}: the written weights cannot be read back ({e}); nothing was moved into place"
+        ) from e
+    if keys != set(tensors):
+        raise ConversionError(f"{path}: written keys differ from the converted keys; nothing was moved into place")
+    wrong = sorted(key for key in keys if shapes[key] != tuple(tensors[key].shape))
+    if wrong:
+        raise ConversionError(
+            f"{path}: written with the wrong shape: {', '.join(wrong)}; nothing was moved into place"
+        )
 
 
 STAGING_MARK = ".partial-"
