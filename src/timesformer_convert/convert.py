@@ -268,6 +268,7 @@ def _replace(staging: Path, out_dir: Path) -> None:
             os.replace(staging, out_dir)
         except BaseException:
             os.replace(retired / "old", out_dir)
+            retired.rmdir()
             raise
         shutil.rmtree(retired, ignore_errors=True)
 
