@@ -7,6 +7,7 @@ Every input is built here, small. The command line is checked from a subprocess,
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import os
 import pickle
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from timesformer_convert import checkpoint as checkpoint_module
 from timesformer_convert import convert as convert_module
@@ -341,6 +344,54 @@ def test_unreadable_file_raises_checkpoint_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="permission denied; make the file readable") as error:
         read_state_dict(path)
     assert isinstance(error.value.__cause__, PermissionError)
+
+
+@functools.cache
+def _small_checkpoint_bytes(legacy: bool) -> bytes:
+    buffer = io.BytesIO()
+    checkpoint = {"model_state": {"model.w": torch.arange(4.0), "model.b": torch.ones(2)}, "epoch": 3, "cfg": "a: 1"}
+    torch.save(checkpoint, buffer, _use_new_zipfile_serialization=not legacy)
+    return buffer.getvalue()
+
+
+def _damaged(legacy: bool, flips: list[tuple[int, int]]) -> bytes:
+    """A small checkpoint with bytes overwritten: anywhere in a legacy file, inside the pickle of a zip file."""
+    original = _small_checkpoint_bytes(legacy)
+    if legacy:
+        damaged = bytearray(original)
+        for position, value in flips:
+            damaged[position % len(damaged)] = value
+        return bytes(damaged)
+    with zipfile.ZipFile(io.BytesIO(original)) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    name = next(name for name in entries if name.endswith("data.pkl"))
+    pickled = bytearray(entries[name])
+    for position, value in flips:
+        pickled[position % len(pickled)] = value
+    entries[name] = bytes(pickled)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for entry, data in entries.items():
+            archive.writestr(entry, data)
+    return buffer.getvalue()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    legacy=st.booleans(),
+    flips=st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), min_size=1, max_size=4),
+)
+def test_damaged_checkpoints_are_refused_as_checkpoint_errors_or_load(tmp_path_factory, legacy, flips):
+    # Whatever a damaged pickle makes torch's restricted unpickler raise, the user gets a CheckpointError naming the
+    # file (or, when the damage hit only values, the file loads).
+    path = tmp_path_factory.mktemp("damaged") / "checkpoint.pyth"
+    path.write_bytes(_damaged(legacy, flips))
+
+    try:
+        load_checkpoint(path)
+    except CheckpointError as error:
+        assert str(error).startswith(f"{path}: is ")
+        assert "not loaded" in str(error) or "the file is empty" in str(error)
 
 
 # --- 3. a checkpoint, but the wrong one -----------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Reading original TimeSformer checkpoints safely.
 
 Checkpoints are unpickled with ``torch.load(weights_only=True)``, which refuses any pickle that would import or call
-anything beyond plain tensors and containers; there is no fallback to full unpickling. Files in torch's zip format are
-memory-mapped, so a 486 MB checkpoint is not read into memory before its tensors are used.
+anything beyond plain tensors and containers; there is no fallback to full unpickling. Before that, the file's first
+bytes say what it is: torch's zip format, torch's legacy pickle format, or something else (empty, a web page, a bare
+pickle, random bytes), which is refused without reaching ``torch.load``. When a pickle is refused, its instructions
+are decoded (never run) to name what it imports. Files in torch's zip format are memory-mapped, so a 486 MB
+checkpoint is not read into memory before its tensors are used.
 """
 
 from __future__ import annotations
@@ -227,7 +230,7 @@ def load_checkpoint(path: str | os.PathLike) -> object:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise _refusal(path, is_zip, e) from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
+    except Exception as e:  # a damaged pickle fails inside torch's restricted unpickler with almost any type
         why = "a torch zip archive" if is_zip else "a legacy torch checkpoint"
         raise CheckpointError(
             f"{path}: is {why} that is truncated or corrupt ({size} bytes; {_first_line(e)}); it was not loaded. "
