@@ -245,6 +245,10 @@ NOT_CHECKPOINTS = {
         ["is a legacy torch checkpoint that is truncated or corrupt"],
     ),
     "zip-of-text": (lambda p: _zip_of_text(p), ["is a zip archive but not a PyTorch checkpoint"]),
+    "bare-pickle-of-tensors": (
+        lambda p: _written(p, pickle.dumps(synthetic_state_dict(TINY))),
+        ["is a bare Python pickle, not a checkpoint in torch.save's format"],
+    ),
     "tensor-larger-than-its-data": (
         _tensor_larger_than_its_data,
         ["is a torch zip archive that is truncated or corrupt"],

@@ -71,10 +71,15 @@ def check_readable(path: Path) -> int:
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); the download or copy did not complete")
     imports = _text_pickle_imports(path, head)
+    if _risky(imports):
+        raise CheckpointError(
+            f"{path}: is not a plain weights file: it is a Python pickle that imports {', '.join(_risky(imports))}, "
+            "which can run code; it was not loaded"
+        )
     if imports:
         raise CheckpointError(
-            f"{path}: is not a plain weights file: it is a Python pickle that imports {', '.join(imports)}, which "
-            "runs code when loaded; it was not loaded"
+            f"{path}: is a bare Python pickle, not a checkpoint in torch.save's format; it was not loaded. Re-save "
+            "the weights with torch.save(state_dict) where the file is trusted"
         )
     kind = _describe_text(head)
     if kind is not None:

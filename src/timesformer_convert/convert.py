@@ -25,7 +25,7 @@ import torch
 
 from .checkpoint import read_state_dict
 from .config import ModelShape, check_variant, infer_shape
-from .errors import ConversionError, CoverageError
+from .errors import ConversionError, CoverageError, RuleError
 from .rules import rename_keys, rules_used, strip_prefixes
 from .safetensors_io import DTYPE_CODES, write_safetensors
 from .variants import ORIGINAL_MEAN, ORIGINAL_STD, Variant
@@ -341,7 +341,10 @@ def convert_state_dict(
         check_variant(shape, variant, source)
 
     # Everything above reads shapes only; building the model's key table and copying tensors come after.
-    mapping = rename_keys(state_dict)
+    try:
+        mapping = rename_keys(state_dict)
+    except RuleError as e:
+        raise RuleError(f"{source}: {e}") from e
     renamed = {mapping[key]: tensor for key, tensor in state_dict.items()}
     config = transformers_config(shape, variant, id2label)
     check_coverage(renamed, expected_tensors(config), source, origins={target: key for key, target in mapping.items()})
