@@ -218,6 +218,25 @@ def _written(path: Path, data: str | bytes) -> Path:
     return path
 
 
+def _rezipped(path: Path, compression: int) -> dict[str, bytes]:
+    """Rewrite the zip checkpoint at ``path`` entry by entry with ``compression``; return the entries."""
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for entry, data in entries.items():
+            archive.writestr(entry, data)
+    return entries
+
+
+def _flipped_byte_in_weights(path: Path) -> Path:
+    # Same length, intact zip structure, one byte of one tensor changed: only the record's CRC-32 tells.
+    torch.save({"model_state": prefixed(synthetic_state_dict(TINY))}, path)
+    data = bytearray(path.read_bytes())
+    data[data.index(synthetic_state_dict(TINY)["blocks.1.mlp.fc1.weight"].numpy().tobytes()[:64]) + 9] ^= 0x40
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _zip_of_text(path: Path) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("readme.txt", "not weights")
@@ -245,6 +264,10 @@ NOT_CHECKPOINTS = {
         ["is a legacy torch checkpoint that is truncated or corrupt"],
     ),
     "zip-of-text": (lambda p: _zip_of_text(p), ["is a zip archive but not a PyTorch checkpoint"]),
+    "flipped-byte-in-weights": (
+        _flipped_byte_in_weights,
+        ["is a torch zip archive whose record checkpoint/data/", "is damaged (its CRC-32 does not match)"],
+    ),
     "bare-pickle-of-tensors": (
         lambda p: _written(p, pickle.dumps(synthetic_state_dict(TINY))),
         ["is a bare Python pickle, not a checkpoint in torch.save's format"],
@@ -687,6 +710,21 @@ def test_tensors_sharing_storage_convert_to_their_own_values(tmp_path):
     assert torch.equal(converted[qkv], state_dict["model.blocks.0.attn.qkv.weight"])
     assert torch.equal(converted[proj], state_dict["model.blocks.0.attn.proj.weight"])
     assert torch.equal(converted["classifier.bias"], state_dict["model.head.bias"])
+
+
+def test_a_checkpoint_rezipped_with_compression_converts_to_its_values(tmp_path):
+    # torch memory-maps zip records as they lie in the file; a compressed record mapped that way reads as garbage.
+    state_dict = prefixed(synthetic_state_dict(TINY))
+    path = _save(tmp_path, state_dict)
+    _rezipped(path, zipfile.ZIP_DEFLATED)
+
+    convert_checkpoint(path, tmp_path / "out", num_attention_heads=2)
+
+    converted = _converted(tmp_path / "out")
+    assert torch.equal(converted["classifier.weight"], state_dict["model.head.weight"])
+    assert torch.equal(
+        converted["timesformer.encoder.layer.1.intermediate.dense.weight"], state_dict["model.blocks.1.mlp.fc1.weight"]
+    )
 
 
 def test_non_contiguous_tensors_convert_to_their_values(tmp_path):

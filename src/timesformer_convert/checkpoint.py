@@ -192,6 +192,32 @@ def _zip_pickle(path: Path, size: int) -> str:
     return pickles[0]
 
 
+def _check_zip_records(path: Path, size: int) -> bool:
+    """Check every record of a torch zip checkpoint against its CRC-32; return whether all are stored uncompressed.
+
+    torch memory-maps records as they lie in the file, so a compressed record (a checkpoint re-zipped by another tool)
+    would be read as garbage weights: such a file is loaded into memory instead. Raises CheckpointError naming the
+    first damaged record.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+            stored = all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(
+            f"{path}: is a torch zip archive that is truncated or corrupt ({size} bytes; {_first_line(e)}); it was "
+            "not loaded. Download or copy it again"
+        ) from e
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path}: is a torch zip archive whose record {damaged} is damaged (its CRC-32 does not match); it was "
+            "not loaded. Download or copy it again"
+        )
+    if not stored:
+        logger.info("%s: compressed records, so the checkpoint is read into memory instead of memory-mapped", path)
+    return stored
+
+
 def _scan_checkpoint_pickle(path: Path, is_zip: bool) -> list[str] | None:
     """Imports of a torch checkpoint's main pickle, or None when that pickle is not well formed."""
     try:
@@ -211,7 +237,8 @@ def _scan_checkpoint_pickle(path: Path, is_zip: bool) -> list[str] | None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> object:
-    """Unpickle a checkpoint with ``weights_only=True``, memory-mapped when the file is in torch's zip format.
+    """Unpickle a checkpoint with ``weights_only=True``, memory-mapped when the file is in torch's zip format (with
+    every record checked against its CRC-32 first).
 
     Returns whatever object the file holds (usually a dict). Raises CheckpointError for a missing, unreadable, empty,
     text, truncated or corrupt file, and for a pickle that asks for anything other than plain weights. Nothing in the
@@ -223,8 +250,10 @@ def load_checkpoint(path: str | os.PathLike) -> object:
     with path.open("rb") as handle:
         head = handle.read(_SNIFF_BYTES)
     is_zip = head.startswith(_ZIP_MAGIC)
+    mappable = False
     if is_zip:
         _zip_pickle(path, size)
+        mappable = _check_zip_records(path, size)
     elif not _is_legacy_torch(head):
         raise CheckpointError(
             f"{path}: is not a PyTorch checkpoint: it starts with neither torch's zip signature nor its legacy "
@@ -232,7 +261,7 @@ def load_checkpoint(path: str | os.PathLike) -> object:
         )
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
     except pickle.UnpicklingError as e:
         raise _refusal(path, is_zip, e) from e
     except Exception as e:  # a damaged pickle fails inside torch's restricted unpickler with almost any type
