@@ -144,13 +144,10 @@ def rename_keys(keys: Iterable[str], rules: Iterable[Rule] = RULES) -> dict[str,
                 "removed; the checkpoint holds two copies of one weight, keep only one"
             )
         stripped_from[bare] = key
-        try:
-            _, target = match_rule(bare, rules)
-        except RuleError:
-            if len([rule for rule in rules if rule.apply(bare) is not None]) > 1:
-                raise  # an ambiguous table is a bug in the rules, not in the checkpoint
-            unknown.append(key)
+        if all(rule.apply(bare) is None for rule in rules):
+            unknown.append(key)  # collected, so that the error lists every one
             continue
+        _, target = match_rule(bare, rules)
         if target in produced_by:
             raise RuleError(f"keys {produced_by[target]!r} and {key!r} would both become {target!r}")
         produced_by[target] = key
