@@ -22,9 +22,18 @@ import pytest
 import torch
 
 from timesformer_convert.cache import build_once, cache_dir
+from timesformer_convert.checkpoint import read_state_dict
 from timesformer_convert.convert import CONVERTER_VERSION, convert_checkpoint
 from timesformer_convert.variants import VARIANTS
-from timesformer_convert.verify import shallow, variant_shape, write_synthetic_checkpoint
+from timesformer_convert.verify import (
+    ForwardOutputs,
+    converted_outputs,
+    native_clip,
+    reference_outputs,
+    shallow,
+    variant_shape,
+    write_synthetic_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parent
 RUN_STARTED_ENV = "TIMESFORMER_SUITE_RUN_STARTED"
@@ -35,7 +44,7 @@ DEFAULT_ORACLE = ROOT.parent / "shared" / "oracle"
 
 # Bump when the synthetic weights or the way they are built change, so cached artifacts are rebuilt.
 SYNTHETIC_VERSION = "1"
-FORWARD_BLOCKS = 2
+FORWARD_BLOCKS = 1
 VARIANT_NAMES = list(VARIANTS)
 
 
@@ -79,6 +88,9 @@ def pytest_configure(config):
     socket.socket.connect = _guarded_connect
     socket.getaddrinfo = _guarded_getaddrinfo
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # share the cores between workers instead of oversubscribing them with torch's threads
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     if not hasattr(config, "workerinput"):  # the controller; xdist workers inherit the variable
         os.environ[RUN_STARTED_ENV] = str(time.time())
         _prune_suite_folders()
@@ -148,8 +160,11 @@ def _suite_folder() -> Path:
 def _prune_suite_folders() -> None:
     """Bound the cache: keep the current suite folder and the most recent other one, delete older ones."""
     current = _suite_folder()
-    others = sorted((p for p in current.parent.glob("suite-*") if p.is_dir() and p != current),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
+    others = sorted(
+        (p for p in current.parent.glob("suite-*") if p.is_dir() and p != current),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for stale in others[KEEP_OTHER_SUITE_FOLDERS:]:
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -208,6 +223,7 @@ class Artifacts:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self._converted_outputs: dict[str, ForwardOutputs] = {}
 
     def _once(self, kind: str, name: str, target: Path, build) -> Path:
         started = time.perf_counter()
@@ -239,6 +255,31 @@ class Artifacts:
             self.folder / f"{name}-converted",
             lambda staging: convert_checkpoint(source, staging, variant=declared),
         )
+
+    def forward_shape(self, variant: str):
+        """The full-width, FORWARD_BLOCKS-deep shape used for forward passes at the variant's native input."""
+        return shallow(variant_shape(VARIANTS[variant]), FORWARD_BLOCKS)
+
+    def reference_outputs(self, variant: str) -> ForwardOutputs:
+        """The reference implementation's logits and hidden states on the variant's native clip, cached on disk:
+        they depend only on the synthetic weights, the clip and torch, all part of the cache key."""
+        shape = self.forward_shape(variant)
+        checkpoint = self.checkpoint(variant, FORWARD_BLOCKS)
+
+        def build(staging: Path) -> None:
+            reference_outputs(read_state_dict(checkpoint), shape, native_clip(shape)).save(staging)
+
+        return ForwardOutputs.load(
+            self._once("reference", checkpoint.stem, self.folder / f"{checkpoint.stem}-ref.st", build)
+        )
+
+    def converted_outputs(self, variant: str) -> ForwardOutputs:
+        """The converted model's logits and hidden states on the variant's native clip, computed once per worker
+        (tests of one variant share a worker) and never cached on disk: this is what the tests check."""
+        if variant not in self._converted_outputs:
+            folder = self.converted(variant, FORWARD_BLOCKS)
+            self._converted_outputs[variant] = converted_outputs(folder, native_clip(self.forward_shape(variant)))
+        return self._converted_outputs[variant]
 
 
 @pytest.fixture(scope="session")
