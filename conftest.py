@@ -12,25 +12,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
 from timesformer_convert.cache import build_once, cache_dir
+from timesformer_convert.checkpoint import read_state_dict
 from timesformer_convert.convert import CONVERTER_VERSION, convert_checkpoint
 from timesformer_convert.variants import VARIANTS
-from timesformer_convert.verify import shallow, variant_shape, write_synthetic_checkpoint
+from timesformer_convert.verify import (
+    ForwardOutputs,
+    converted_outputs,
+    native_clip,
+    reference_outputs,
+    shallow,
+    variant_shape,
+    write_synthetic_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parent
+RUN_STARTED_ENV = "TIMESFORMER_SUITE_RUN_STARTED"
+# Suite folders of other version keys kept besides the current one; older ones are removed at the start of a run.
+KEEP_OTHER_SUITE_FOLDERS = 1
 ORACLE_ENV = "TIMESFORMER_ORACLE_DIR"
 DEFAULT_ORACLE = ROOT.parent / "shared" / "oracle"
 
 # Bump when the synthetic weights or the way they are built change, so cached artifacts are rebuilt.
 SYNTHETIC_VERSION = "1"
-FORWARD_BLOCKS = 2
+FORWARD_BLOCKS = 1
 VARIANT_NAMES = list(VARIANTS)
 
 
@@ -74,6 +88,12 @@ def pytest_configure(config):
     socket.socket.connect = _guarded_connect
     socket.getaddrinfo = _guarded_getaddrinfo
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # share the cores between workers instead of oversubscribing them with torch's threads
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if not hasattr(config, "workerinput"):  # the controller; xdist workers inherit the variable
+        os.environ[RUN_STARTED_ENV] = str(time.time())
+        _prune_suite_folders()
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     config.addinivalue_line("markers", "xdist_group(name): keep tests of one variant on one worker")
 
@@ -133,12 +153,54 @@ def _suite_key() -> str:
     return hashlib.sha256(versions.encode()).hexdigest()[:12]
 
 
+def _suite_folder() -> Path:
+    return cache_dir() / f"suite-{_suite_key()}"
+
+
+def _prune_suite_folders() -> None:
+    """Bound the cache: keep the current suite folder and the most recent other one, delete older ones."""
+    current = _suite_folder()
+    others = sorted(
+        (p for p in current.parent.glob("suite-*") if p.is_dir() and p != current),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for stale in others[KEEP_OTHER_SUITE_FOLDERS:]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def suite_cache() -> Path:
     """The cache folder for this combination of converter, torch and transformers versions."""
-    folder = cache_dir() / f"suite-{_suite_key()}"
+    folder = _suite_folder()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def builds_this_run(folder: Path, started: float) -> list[dict]:
+    """Entries of ``builds.log`` in ``folder`` written since ``started`` (a time.time() value)."""
+    log = folder / "builds.log"
+    if not log.exists():
+        return []
+    entries = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [entry for entry in entries if entry["time"] >= started]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if hasattr(config, "workerinput") or RUN_STARTED_ENV not in os.environ:
+        return
+    folder = _suite_folder()
+    if not folder.exists():
+        return
+    entries = builds_this_run(folder, float(os.environ[RUN_STARTED_ENV]))
+    counts = Counter((entry["kind"], entry["name"]) for entry in entries)
+    twice = sorted(f"{kind} {name} x{count}" for (kind, name), count in counts.items() if count > 1)
+    kinds = Counter(kind for kind, _ in counts)
+    terminalreporter.write_sep("-", "synthetic artifacts")
+    terminalreporter.write_line(
+        f"built this run: {kinds['checkpoint']} checkpoints, {kinds['conversion']} conversions "
+        f"({'each once' if not twice else 'REPEATED: ' + ', '.join(twice)}); cache: {folder}"
+    )
 
 
 def _log_build(suite_cache: Path, kind: str, name: str, seconds: float) -> None:
@@ -161,6 +223,7 @@ class Artifacts:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self._converted_outputs: dict[str, ForwardOutputs] = {}
 
     def _once(self, kind: str, name: str, target: Path, build) -> Path:
         started = time.perf_counter()
@@ -192,6 +255,31 @@ class Artifacts:
             self.folder / f"{name}-converted",
             lambda staging: convert_checkpoint(source, staging, variant=declared),
         )
+
+    def forward_shape(self, variant: str):
+        """The full-width, FORWARD_BLOCKS-deep shape used for forward passes at the variant's native input."""
+        return shallow(variant_shape(VARIANTS[variant]), FORWARD_BLOCKS)
+
+    def reference_outputs(self, variant: str) -> ForwardOutputs:
+        """The reference implementation's logits and hidden states on the variant's native clip, cached on disk:
+        they depend only on the synthetic weights, the clip and torch, all part of the cache key."""
+        shape = self.forward_shape(variant)
+        checkpoint = self.checkpoint(variant, FORWARD_BLOCKS)
+
+        def build(staging: Path) -> None:
+            reference_outputs(read_state_dict(checkpoint), shape, native_clip(shape)).save(staging)
+
+        return ForwardOutputs.load(
+            self._once("reference", checkpoint.stem, self.folder / f"{checkpoint.stem}-ref.st", build)
+        )
+
+    def converted_outputs(self, variant: str) -> ForwardOutputs:
+        """The converted model's logits and hidden states on the variant's native clip, computed once per worker
+        (tests of one variant share a worker) and never cached on disk: this is what the tests check."""
+        if variant not in self._converted_outputs:
+            folder = self.converted(variant, FORWARD_BLOCKS)
+            self._converted_outputs[variant] = converted_outputs(folder, native_clip(self.forward_shape(variant)))
+        return self._converted_outputs[variant]
 
 
 @pytest.fixture(scope="session")

@@ -23,11 +23,8 @@ from timesformer_convert.convert import (
 from timesformer_convert.variants import ORIGINAL_MEAN, ORIGINAL_STD, VARIANTS
 from timesformer_convert.verify import (
     FORWARD_ATOL,
-    compare_forward,
-    native_clip,
+    compare_outputs,
     roundtrip_mismatches,
-    shallow,
-    variant_shape,
 )
 
 pytestmark = pytest.mark.slow
@@ -99,17 +96,15 @@ def test_transformers_loads_the_folder(variant, artifacts):
     assert json.loads((folder / CONFIG_NAME).read_text())["model_type"] == "timesformer"
 
 
-def test_logits_match_the_reference_at_native_shape(variant, artifacts):
-    shape = shallow(variant_shape(VARIANTS[variant]), FORWARD_BLOCKS)
-    checkpoint = artifacts.checkpoint(variant, FORWARD_BLOCKS)
-    clip = native_clip(shape)
+def test_logits_and_hidden_states_match_the_reference_at_native_shape(variant, artifacts):
+    actual = artifacts.converted_outputs(variant)
+    expected = artifacts.reference_outputs(variant)
 
-    comparison = compare_forward(
-        artifacts.converted(variant, FORWARD_BLOCKS), read_state_dict(checkpoint), shape, clip
-    )
+    comparison = compare_outputs(actual, expected)
 
-    assert comparison.converted.shape == (1, VARIANTS[variant].num_labels)
+    assert actual.logits.shape == (1, VARIANTS[variant].num_labels)
+    assert len(actual.hidden_states) == FORWARD_BLOCKS + 1
     assert comparison.agrees(), (
-        f"{variant}: max |diff| {comparison.max_abs_diff:.3e} > {FORWARD_ATOL}; "
-        f"first divergent block: {comparison.first_divergent_block}"
+        f"{variant}: max |diff| logits {comparison.max_abs_diff:.3e}, hidden states {comparison.max_hidden_diff:.3e} "
+        f"> {FORWARD_ATOL}; first divergence: {comparison.divergence}"
     )

@@ -63,6 +63,13 @@ def build_once(target: Path, build: Callable[[Path], None], on_built: Callable[[
     return target
 
 
+def usage(root: Path | None = None) -> tuple[int, int]:
+    """Return (top-level entries, total bytes) of the cache."""
+    root = root or cache_dir()
+    size = sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
+    return len(list(root.iterdir())), size
+
+
 def clean(root: Path | None = None) -> int:
     """Delete everything in the cache; return the number of bytes freed."""
     root = root or cache_dir()

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     rules = commands.add_parser("rules", parents=[common], help="print the rename rule table")
     rules.add_argument("--json", action="store_true", help="print a JSON list")
 
+    cache = commands.add_parser("cache", parents=[common], help="show or empty the cache folder")
+    cache.add_argument("action", choices=("info", "clean"), help="info: location and size; clean: delete everything")
+
     selfcheck = commands.add_parser(
         "selfcheck",
         parents=[common],
@@ -165,6 +168,18 @@ def _command_convert(args) -> int:
     return 0
 
 
+def _command_cache(args) -> int:
+    from .cache import CACHE_ENV, cache_dir, clean, usage
+
+    root = cache_dir()
+    if args.action == "clean":
+        print(f"removed {clean(root) / 2**20:.1f} MiB from {root}")
+        return 0
+    entries, size = usage(root)
+    print(f"{root} (set {CACHE_ENV} to move it): {entries} entries, {size / 2**20:.1f} MiB")
+    return 0
+
+
 def _command_selfcheck(args) -> int:
     from .selfcheck import format_table, run_selfcheck
     from .variants import VARIANTS, get_variant
@@ -191,6 +206,7 @@ COMMANDS = {
     "convert": _command_convert,
     "list": _command_list,
     "rules": _command_rules,
+    "cache": _command_cache,
     "selfcheck": _command_selfcheck,
 }
 

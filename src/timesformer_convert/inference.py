@@ -41,27 +41,30 @@ def check_native_input(model, pixel_values: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def forward_with_states(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass returning the original's logits (see :func:`original_logits`) and the hidden states: the
+    input of every encoder block, then the output of the last block (before the final norm)."""
+    check_native_input(model, pixel_values)
+    outputs = model(pixel_values=pixel_values, output_hidden_states=True)
+    states = list(outputs.hidden_states)
+    if model.config.attention_type != SPACE_ONLY:
+        return outputs.logits, states
+
+    batch, frames = pixel_values.shape[:2]
+    tokens = states[-1].reshape(batch, frames, *states[-1].shape[1:]).mean(dim=1)
+    return model.classifier(model.timesformer.layernorm(tokens)[:, 0]), states
+
+
+@torch.no_grad()
 def original_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Logits as the original TimeSformer computes them, one row per clip, from a converted model.
 
     For divided and joint space-time attention this is the model's own output. For ``space_only``, where transformers
     classifies every frame separately, the final encoder tokens are averaged over frames before the last layer norm
     and the head, as the original does. ``pixel_values`` is (batch, frames, channels, height, width) at the model's
-    native shape. Returns a (batch, num_labels) tensor.
+    native shape. Returns a (batch, num_labels) tensor. Raises ValueError for any other input shape.
     """
     check_native_input(model, pixel_values)
     if model.config.attention_type != SPACE_ONLY:
         return model(pixel_values=pixel_values).logits
-
-    batch, frames = pixel_values.shape[:2]
-    backbone = model.timesformer
-    tokens = backbone.encoder(backbone.embeddings(pixel_values)).last_hidden_state
-    tokens = tokens.reshape(batch, frames, *tokens.shape[1:]).mean(dim=1)
-    return model.classifier(backbone.layernorm(tokens)[:, 0])
-
-
-@torch.no_grad()
-def hidden_states(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-    """The input of every encoder block and the output of the last one (before the final norm)."""
-    check_native_input(model, pixel_values)
-    return list(model(pixel_values=pixel_values, output_hidden_states=True).hidden_states)
+    return forward_with_states(model, pixel_values)[0]

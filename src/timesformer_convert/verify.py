@@ -18,7 +18,7 @@ import torch
 
 from .config import ModelShape
 from .convert import WEIGHTS_NAME
-from .inference import hidden_states, load_converted, original_logits, to_pixel_values
+from .inference import forward_with_states, load_converted, to_pixel_values
 from .reference import reference_model, synthetic_checkpoint
 from .variants import Variant
 
@@ -87,16 +87,48 @@ def roundtrip_mismatches(folder: str | os.PathLike, tensors: dict[str, torch.Ten
 
 
 @dataclass
+class ForwardOutputs:
+    """Logits (one row per clip) and hidden states (input of every block, then the last block's output)."""
+
+    logits: torch.Tensor
+    hidden_states: list[torch.Tensor]
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"logits": self.logits.contiguous()}
+        tensors.update({f"hidden_states.{i}": state.contiguous() for i, state in enumerate(self.hidden_states)})
+        save_file(tensors, str(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ForwardOutputs:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        count = sum(key.startswith("hidden_states.") for key in tensors)
+        return cls(tensors["logits"], [tensors[f"hidden_states.{i}"] for i in range(count)])
+
+
+@dataclass
 class ForwardComparison:
-    """Logits of the converted model and of the reference on one clip, and where they first diverge."""
+    """How far the converted model's outputs are from the reference's, and where they first diverge."""
 
-    converted: torch.Tensor
-    reference: torch.Tensor
     max_abs_diff: float
+    max_hidden_diff: float
     first_divergent_block: int | None
+    atol: float
 
-    def agrees(self, atol: float = FORWARD_ATOL) -> bool:
-        return self.max_abs_diff <= atol
+    def agrees(self) -> bool:
+        return self.max_abs_diff <= self.atol and self.max_hidden_diff <= self.atol
+
+    @property
+    def divergence(self) -> str:
+        """Where the outputs first differ beyond tolerance, in words."""
+        if self.first_divergent_block is None:
+            return "no hidden state differs; the divergence is in the final norm or the head"
+        if self.first_divergent_block < 0:
+            return "the embeddings (patch, position or time embedding)"
+        return f"block {self.first_divergent_block}"
 
 
 def first_divergent_block(ours: list[torch.Tensor], theirs: list[torch.Tensor], atol: float) -> int | None:
@@ -107,7 +139,37 @@ def first_divergent_block(ours: list[torch.Tensor], theirs: list[torch.Tensor], 
     return None
 
 
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() if a.shape == b.shape else float("inf")
+
+
+def compare_outputs(actual: ForwardOutputs, expected: ForwardOutputs, atol: float = FORWARD_ATOL) -> ForwardComparison:
+    """Compare logits and every hidden state of ``actual`` against ``expected``."""
+    hidden = [_max_diff(a, b) for a, b in zip(actual.hidden_states, expected.hidden_states, strict=False)]
+    if len(actual.hidden_states) != len(expected.hidden_states):
+        hidden.append(float("inf"))
+    return ForwardComparison(
+        max_abs_diff=_max_diff(actual.logits, expected.logits),
+        max_hidden_diff=max(hidden, default=0.0),
+        first_divergent_block=first_divergent_block(actual.hidden_states, expected.hidden_states, atol),
+        atol=atol,
+    )
+
+
 @torch.no_grad()
+def reference_outputs(state_dict: dict[str, torch.Tensor], shape: ModelShape, clip: torch.Tensor) -> ForwardOutputs:
+    """Run the reference implementation built from the original ``state_dict`` on ``clip`` (original layout)."""
+    logits, states = reference_model(state_dict, shape)(clip, return_hidden_states=True)
+    return ForwardOutputs(logits, states)
+
+
+@torch.no_grad()
+def converted_outputs(folder: str | os.PathLike, clip: torch.Tensor) -> ForwardOutputs:
+    """Run the converted model in ``folder`` on ``clip`` (original layout, converted to transformers' layout)."""
+    logits, states = forward_with_states(load_converted(folder), to_pixel_values(clip))
+    return ForwardOutputs(logits, states)
+
+
 def compare_forward(
     folder: str | os.PathLike,
     state_dict: dict[str, torch.Tensor],
@@ -115,18 +177,9 @@ def compare_forward(
     clip: torch.Tensor,
     atol: float = FORWARD_ATOL,
 ) -> ForwardComparison:
-    """Run the converted model in ``folder`` and the reference built from the original ``state_dict`` on ``clip``
-    (original layout) and compare logits; when they disagree, locate the first divergent block."""
-    reference = reference_model(state_dict, shape)
-    expected, expected_states = reference(clip, return_hidden_states=True)
-    model = load_converted(folder)
-    pixel_values = to_pixel_values(clip)
-    actual = original_logits(model, pixel_values)
-    diff = (actual - expected).abs().max().item() if actual.shape == expected.shape else float("inf")
-    divergent = None
-    if diff > atol:
-        divergent = first_divergent_block(hidden_states(model, pixel_values), expected_states, atol)
-    return ForwardComparison(actual, expected, diff, divergent)
+    """Run the converted model in ``folder`` and the reference built from ``state_dict`` on ``clip`` and compare
+    their logits and hidden states."""
+    return compare_outputs(converted_outputs(folder, clip), reference_outputs(state_dict, shape, clip), atol)
 
 
 def shallow(shape: ModelShape, num_hidden_layers: int) -> ModelShape:
