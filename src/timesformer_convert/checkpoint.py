@@ -26,8 +26,8 @@ STATE_DICT_ENTRIES = ("model_state", "model", "module", "state_dict")
 _SNIFF_BYTES = 512
 
 
-def _describe_text(head: bytes) -> str | None:
-    """Say what kind of text page ``head`` starts, or None when it does not look like text."""
+def describe_text(head: bytes) -> str | None:
+    """Say what kind of text page a file starting with ``head`` is, or None when it does not look like text."""
     stripped = head.lstrip().lower()
     if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<")):
         return "an HTML or XML page (the host returned a web page, likely a quota, login or permission page)"
@@ -61,7 +61,7 @@ def check_readable(path: Path) -> int:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from e
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes); the download or copy did not complete")
-    kind = _describe_text(head)
+    kind = describe_text(head)
     if kind is not None:
         raise CheckpointError(f"{path}: is {kind}, not a checkpoint ({size} bytes); it was not loaded")
     return size
