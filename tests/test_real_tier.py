@@ -6,6 +6,7 @@ checkpoint under the released file name, and a hub cache holding a stand-in spag
 tests then pass on it, which they could not if the wiring between options, fetching, conversion and clip were broken.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from tests.test_hub import npy_bytes, populate_hub_cache
 from timesformer_convert.cache import CACHE_ENV
 from timesformer_convert.hub import SPAGHETTI_FILE, SPAGHETTI_REPO
-from timesformer_convert.variants import VARIANTS
+from timesformer_convert.variants import LABEL_REPO, VARIANTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SSV2 = VARIANTS["timesformer-base-finetuned-ssv2"]
@@ -76,9 +77,10 @@ def test_the_real_tier_runs_end_to_end_on_a_checkpoint_folder(tmp_path, artifact
     folder.mkdir()
     (folder / SSV2.original_file).symlink_to(artifacts.checkpoint(SSV2.name))
     frames = np.random.default_rng(0).integers(0, 256, size=(16, 90, 160, 3), dtype=np.uint8)
-    populate_hub_cache(
-        tmp_path / "hf" / "hub", SPAGHETTI_REPO, {SPAGHETTI_FILE: npy_bytes(frames, tmp_path)}, "dataset"
-    )
+    hub = tmp_path / "hf" / "hub"
+    populate_hub_cache(hub, SPAGHETTI_REPO, {SPAGHETTI_FILE: npy_bytes(frames, tmp_path)}, "dataset")
+    labels = json.dumps({str(index): f"action {index}" for index in range(SSV2.num_labels)}).encode()
+    populate_hub_cache(hub, LABEL_REPO, {SSV2.label_file: labels}, "dataset")
 
     result = run_real_tier(
         tmp_path,
@@ -91,3 +93,5 @@ def test_the_real_tier_runs_end_to_end_on_a_checkpoint_folder(tmp_path, artifact
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout
+    (converted,) = [path for path in (tmp_path / "cache" / "real").iterdir() if path.is_dir()]
+    assert json.loads((converted / "config.json").read_text())["id2label"]["173"] == "action 173"

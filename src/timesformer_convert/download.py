@@ -68,7 +68,7 @@ def direct_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if (parts.hostname or "") not in _DROPBOX_HOSTS:
         return url
-    query = [(name, value) for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     query = [(name, value) for name, value in query if name not in ("dl", "raw")] + [("dl", "1")]
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 

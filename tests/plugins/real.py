@@ -28,6 +28,7 @@ from timesformer_convert.cache import build_once, cache_dir
 from timesformer_convert.checksums import ChecksumLock, default_lock_path, digest_file
 from timesformer_convert.download import CHECKPOINT_DIR_ENV, checkpoint_dir_from_env, fetch_variant
 from timesformer_convert.errors import ClipError, DownloadError, IntegrityError
+from timesformer_convert.labels import hub_label_file, read_label_file
 from timesformer_convert.variants import VARIANTS
 
 VIDEO_ENV = "TIMESFORMER_VIDEO"
@@ -107,18 +108,34 @@ class RealTier:
         except DownloadError as e:
             self.unavailable(str(e) if self.download else f"{e}; pass --real to download it (needs network)")
 
+    def labels(self, name: str) -> dict[int, str]:
+        """The label map of variant ``name`` from the hub dataset of label files (hub cache, or downloaded)."""
+        __tracebackhide__ = True
+        variant = VARIANTS[name]
+        path = hub_label_file(variant, download=self.download)
+        if path is None:
+            self.unavailable(
+                f"{variant.label_file} is not in the Hugging Face hub cache; pass --real to download it, or point "
+                "HF_HOME at a cache that holds it"
+            )
+        return read_label_file(path, variant.num_labels)
+
     def converted(self, name: str) -> Path:
-        """The conversion of :meth:`checkpoint`, built once per checkpoint content and converter version."""
+        """The conversion of :meth:`checkpoint`, with its label map, built once per checkpoint content and converter
+        version."""
         import transformers
 
         from timesformer_convert.convert import CONVERTER_VERSION, convert_checkpoint
 
         source = self.checkpoint(name)
+        labels = self.labels(name)
         if name not in self._digests:
             self._digests[name] = digest_file(source).sha256
         key = f"{self._digests[name][:16]}-c{CONVERTER_VERSION}-t{transformers.__version__}"
         target = cache_dir() / "real" / f"{name}-{key}"
-        return build_once(target, lambda staging: convert_checkpoint(source, staging, variant=VARIANTS[name]))
+        return build_once(
+            target, lambda staging: convert_checkpoint(source, staging, variant=VARIANTS[name], id2label=labels)
+        )
 
 
 _TIER = pytest.StashKey[RealTier]()
