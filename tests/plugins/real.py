@@ -13,8 +13,9 @@ Hugging Face hub, the published conversions. They run when asked for and skip ot
 
 Checkpoints come through :func:`timesformer_convert.download.fetch_variant`, the same function the CLI uses and the
 loopback tests drive against servers on 127.0.0.1. The fixtures ``real_checkpoint(variant)``,
-``real_converted(variant)``, ``spaghetti_clip(variant)`` and ``video_clip(variant)`` give a checkpoint path, its
-conversion, and native-shape ``pixel_values`` of the spaghetti clip and of the local real video.
+``real_converted(variant)``, ``spaghetti_frames``, ``spaghetti_clip(variant)`` and ``video_clip(variant)`` give a
+checkpoint path, its conversion, the spaghetti clip's frames, and native-shape ``pixel_values`` of the spaghetti clip
+and of the local real video.
 """
 
 from __future__ import annotations
@@ -62,10 +63,6 @@ def pytest_addoption(parser):
         default=None,
         help=f"a real video for the preprocessing tests (default: ${VIDEO_ENV}, else {DEFAULT_VIDEO})",
     )
-
-
-def pytest_configure(config):
-    config.stash[_TIER] = RealTier(config)
 
 
 class RealTier:
@@ -141,6 +138,10 @@ class RealTier:
 _TIER = pytest.StashKey[RealTier]()
 
 
+def pytest_configure(config):
+    config.stash[_TIER] = RealTier(config)
+
+
 @pytest.fixture(scope="session")
 def real_tier(request) -> RealTier:
     return request.config.stash[_TIER]
@@ -198,7 +199,7 @@ def video_clip(real_video):
     """``video_clip(variant)``: the real video as ``pixel_values`` at the variant's native shape."""
     from timesformer_convert.video import video_pixel_values
 
-    cache: dict[str, object] = {}
+    cache: dict[tuple[int, int], object] = {}
 
     def clip(name: str):
         variant = VARIANTS[name]
