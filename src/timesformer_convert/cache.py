@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -48,6 +49,7 @@ def build_once(target: Path, build: Callable[[Path], None], on_built: Callable[[
     with FileLock(str(target) + ".lock", timeout=LOCK_TIMEOUT_SECONDS):
         if target.exists():
             return target
+        _remove_stale_staging(target)
         staging_root = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
         staging = staging_root / target.name
         try:
@@ -68,6 +70,16 @@ def usage(root: Path | None = None) -> tuple[int, int]:
     root = root or cache_dir()
     size = sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
     return len(list(root.iterdir())), size
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Delete staging folders of ``target`` left by a process killed mid-build. Call only while holding its lock:
+    then no other process is building it. Their names never equal ``target``'s, so nothing ever trusted them."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]{{8}}\.partial")
+    for entry in target.parent.iterdir():
+        if pattern.fullmatch(entry.name):
+            logger.info("removing %s, left by an interrupted build", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def clean(root: Path | None = None) -> int:

@@ -33,8 +33,8 @@ STATE_DICT_ENTRIES = ("model_state", "model", "module", "state_dict")
 _SNIFF_BYTES = 512
 
 
-def _describe_text(head: bytes) -> str | None:
-    """Say what kind of text page ``head`` starts, or None when it does not look like text."""
+def describe_text(head: bytes) -> str | None:
+    """Say what kind of text page a file starting with ``head`` is, or None when it does not look like text."""
     stripped = head.lstrip().lower()
     if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<")):
         return "an HTML or XML page (the host returned a web page, likely a quota, login or permission page)"
@@ -81,7 +81,7 @@ def check_readable(path: Path) -> int:
             f"{path}: is a bare Python pickle, not a checkpoint in torch.save's format; it was not loaded. Re-save "
             "the weights with torch.save(state_dict) where the file is trusted"
         )
-    kind = _describe_text(head)
+    kind = describe_text(head)
     if kind is not None:
         raise CheckpointError(f"{path}: is {kind}, not a checkpoint ({size} bytes); it was not loaded")
     return size

@@ -32,6 +32,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="timesformer-convert",
@@ -48,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert", parents=[common], help="convert one checkpoint file to a transformers folder"
     )
-    convert.add_argument("source", help="original checkpoint file (.pyth / .pth)")
+    convert.add_argument(
+        "source",
+        nargs="?",
+        help="original checkpoint: a file (.pyth / .pth) or an http(s) URL; leave it out to fetch --variant's own",
+    )
     convert.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
     convert.add_argument("--variant", help="declared variant; its shape is checked against the checkpoint's")
     convert.add_argument("--num-attention-heads", type=_positive, help="heads per layer (default: hidden size / 64)")
@@ -58,6 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--fetch-labels", action="store_true", help="download the variant's label map from the Hugging Face hub"
     )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    downloads = convert.add_argument_group("downloads")
+    downloads.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="folder of downloaded original checkpoints, looked in before downloading (default: "
+        "$TIMESFORMER_CHECKPOINT_DIR)",
+    )
+    downloads.add_argument(
+        "--checksums",
+        type=Path,
+        help="checksums lock file (default: $TIMESFORMER_CHECKSUMS, else checksums.json of the source checkout)",
+    )
+    downloads.add_argument(
+        "--record-checksums",
+        action="store_true",
+        help="pin the size and sha256 of the fetched checkpoint in the checksums lock file",
+    )
+    downloads.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        help="seconds to wait for data before a download is abandoned (default 60)",
+    )
 
     listing = commands.add_parser("list", parents=[common], help="list the released variants")
     listing.add_argument("--json", action="store_true", help="print a JSON list")
@@ -138,6 +175,36 @@ def _resolve_labels(args, variant, num_labels):
     return read_label_file(path, num_labels)
 
 
+def _checkpoint_source(args, variant) -> tuple[Path, str]:
+    """The local path of the checkpoint to convert (fetched first when it is a URL or a variant's own), and the
+    name of the original file for the output's metadata."""
+    from .checksums import ChecksumLock, default_lock_path
+    from .download import fetch_url, fetch_variant, is_url
+
+    lock = ChecksumLock(args.checksums if args.checksums is not None else default_lock_path())
+    fetching = {
+        "lock": lock,
+        "record": args.record_checksums,
+        "timeout": args.timeout,
+        "progress": sys.stderr.isatty(),
+    }
+    if args.source is None:
+        if variant is None:
+            raise ConversionError("no checkpoint given: pass a file or URL, or --variant NAME to fetch its release")
+        path = fetch_variant(variant, checkpoint_dir=args.checkpoint_dir, **fetching)
+        return path, variant.original_file
+    if is_url(args.source):
+        from urllib.parse import unquote, urlsplit
+
+        return fetch_url(args.source, **fetching), Path(unquote(urlsplit(args.source).path)).name
+    if args.record_checksums:
+        raise ConversionError(
+            f"{args.source}: --record-checksums pins downloads, and a local file is not one; give a URL, or "
+            "--variant with --checkpoint-dir"
+        )
+    return Path(args.source), Path(args.source).name
+
+
 def _command_convert(args) -> int:
     from .checkpoint import read_state_dict
     from .convert import check_output, convert_state_dict, transformers_config, write_output
@@ -149,19 +216,21 @@ def _command_convert(args) -> int:
         raise ConversionError(f"{args.labels}: label file not found; give a JSON file mapping class index to name")
 
     started = time.perf_counter()
-    state_dict = read_state_dict(args.source)
+    path, original_name = _checkpoint_source(args, variant)
+    shown = args.source or str(path)
+    state_dict = read_state_dict(path)
     # Labels are looked up once the checkpoint passed every check, so that a refusal is the only line printed.
     tensors, config, shape, counts = convert_state_dict(
-        state_dict, variant, args.num_attention_heads, args.num_frames, source=args.source
+        state_dict, variant, args.num_attention_heads, args.num_frames, source=shown
     )
     labels = _resolve_labels(args, variant, shape.num_labels)
     if labels:
         config = transformers_config(shape, variant, labels)
-    metadata = {"source_file": Path(args.source).name, "variant": variant.name if variant else ""}
+    metadata = {"source_file": original_name, "variant": variant.name if variant else ""}
     write_output(args.out, tensors, config, shape.image_size, metadata, overwrite=args.overwrite)
     frames = shape.num_frames if shape.num_frames is not None else config.num_frames
     print(
-        f"converted {args.source} -> {args.out}: {len(tensors)} tensors, {shape.attention_type}, "
+        f"converted {shown} -> {args.out}: {len(tensors)} tensors, {shape.attention_type}, "
         f"{frames} frames x {shape.image_size} px, {shape.num_labels} labels"
         f"{' (named)' if labels else ''}, {time.perf_counter() - started:.1f} s"
     )

@@ -22,3 +22,15 @@ class CoverageError(ConversionError):
 
 class VariantMismatchError(ConversionError):
     """The checkpoint's shapes disagree with the variant it was declared to be."""
+
+
+class DownloadError(ConversionError):
+    """A checkpoint could not be fetched: the host refused, answered with a web page, or the transfer broke off."""
+
+
+class IntegrityError(DownloadError):
+    """A fetched or cached file differs from the size and sha256 pinned for it in the checksums lock file."""
+
+
+class ClipError(ValueError):
+    """A video clip could not be read or turned into model input."""

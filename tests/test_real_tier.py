@@ -1,0 +1,97 @@
+"""The real tier's switches, from a pytest subprocess as a user or a CI job runs it.
+
+Off by default with a skip that says how to enable it; ``--require-real`` makes that a failure; ``--checkpoint-dir``
+runs it through ``fetch_variant`` on the files there. The end-to-end run uses a folder holding a full-size synthetic
+checkpoint under the released file name, and a hub cache holding a stand-in spaghetti clip: the real tier's own
+tests then pass on it, which they could not if the wiring between options, fetching, conversion and clip were broken.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_hub import npy_bytes, populate_hub_cache
+from timesformer_convert.cache import CACHE_ENV
+from timesformer_convert.hub import SPAGHETTI_FILE, SPAGHETTI_REPO
+from timesformer_convert.variants import LABEL_REPO, VARIANTS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SSV2 = VARIANTS["timesformer-base-finetuned-ssv2"]
+
+
+def run_real_tier(tmp_path, *options, hf_home=None):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TIMESFORMER_CHECKPOINT"))}
+    env.update({CACHE_ENV: str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home or tmp_path / "hf")})
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_real.py", "-p", "no:cacheprovider", "-q", "-rfEs", *options],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+
+
+def test_the_real_tier_is_off_by_default_and_says_how_to_enable_it(tmp_path):
+    result = run_real_tier(tmp_path, "-k", "declared_variants_shape")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "9 skipped" in result.stdout
+    assert "enable the real tier with --real" in result.stdout and "--checkpoint-dir" in result.stdout
+
+
+def test_require_real_turns_the_skips_into_failures(tmp_path):
+    result = run_real_tier(tmp_path, "--require-real", "-k", "declared_variants_shape and base-finetuned-ssv2")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "--require-real: real tier is off" in result.stdout
+    assert "skipped" not in result.stdout
+
+
+def test_a_checkpoint_folder_without_the_file_is_reported_by_the_fetch(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    result = run_real_tier(
+        tmp_path,
+        "--checkpoint-dir",
+        str(empty),
+        "--require-real",
+        "-k",
+        "declared_variants_shape and base-finetuned-ssv2",
+    )
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{SSV2.original_file} is neither in {empty} nor in the cache" in result.stdout
+    assert "pass --real to download it" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_real_tier_runs_end_to_end_on_a_checkpoint_folder(tmp_path, artifacts):
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    (folder / SSV2.original_file).symlink_to(artifacts.checkpoint(SSV2.name))
+    frames = np.random.default_rng(0).integers(0, 256, size=(16, 90, 160, 3), dtype=np.uint8)
+    hub = tmp_path / "hf" / "hub"
+    populate_hub_cache(hub, SPAGHETTI_REPO, {SPAGHETTI_FILE: npy_bytes(frames, tmp_path)}, "dataset")
+    labels = json.dumps({str(index): f"action {index}" for index in range(SSV2.num_labels)}).encode()
+    populate_hub_cache(hub, LABEL_REPO, {SSV2.label_file: labels}, "dataset")
+
+    result = run_real_tier(
+        tmp_path,
+        "--checkpoint-dir",
+        str(folder),
+        "--require-real",
+        "-k",
+        "base-finetuned-ssv2 and (declared_variants_shape or key_coverage or spaghetti_clip_at_native_shape)",
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+    (converted,) = [path for path in (tmp_path / "cache" / "real").iterdir() if path.is_dir()]
+    assert json.loads((converted / "config.json").read_text())["id2label"]["173"] == "action 173"
