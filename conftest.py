@@ -25,6 +25,8 @@ from timesformer_convert.variants import VARIANTS
 from timesformer_convert.verify import shallow, variant_shape, write_synthetic_checkpoint
 
 ROOT = Path(__file__).resolve().parent
+
+pytest_plugins = ["tests.plugins.golden", "tests.plugins.summary"]
 ORACLE_ENV = "TIMESFORMER_ORACLE_DIR"
 DEFAULT_ORACLE = ROOT.parent / "shared" / "oracle"
 

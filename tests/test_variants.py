@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(params=VARIANT_NAMES)
 def variant(request):
+    request.node.user_properties.append(("check", "conversion"))
     return request.param
 
 
@@ -44,12 +45,13 @@ def _config(folder):
     return TimesformerConfig.from_pretrained(folder)
 
 
-def test_key_coverage_is_complete(variant, artifacts):
+def test_key_coverage_is_complete(variant, artifacts, record_property):
     folder = artifacts.converted(variant)
     expected = expected_tensors(_config(folder))
 
     with safe_open(folder / WEIGHTS_NAME, framework="pt") as handle:
         written = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    record_property("key_coverage", f"{len(set(written) & set(expected))}/{len(expected)}")
 
     missing, unexpected = sorted(set(expected) - set(written)), sorted(set(written) - set(expected))
     assert not missing and not unexpected, f"{variant}: missing {missing}, unexpected {unexpected}"
@@ -99,7 +101,7 @@ def test_transformers_loads_the_folder(variant, artifacts):
     assert json.loads((folder / CONFIG_NAME).read_text())["model_type"] == "timesformer"
 
 
-def test_logits_match_the_reference_at_native_shape(variant, artifacts):
+def test_logits_match_the_reference_at_native_shape(variant, artifacts, record_property):
     shape = shallow(variant_shape(VARIANTS[variant]), FORWARD_BLOCKS)
     checkpoint = artifacts.checkpoint(variant, FORWARD_BLOCKS)
     clip = native_clip(shape)
@@ -108,6 +110,7 @@ def test_logits_match_the_reference_at_native_shape(variant, artifacts):
         artifacts.converted(variant, FORWARD_BLOCKS), read_state_dict(checkpoint), shape, clip
     )
 
+    record_property("max_abs_diff", comparison.max_abs_diff)
     assert comparison.converted.shape == (1, VARIANTS[variant].num_labels)
     assert comparison.agrees(), (
         f"{variant}: max |diff| {comparison.max_abs_diff:.3e} > {FORWARD_ATOL}; "
