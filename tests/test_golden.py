@@ -430,6 +430,9 @@ def test_refresh_restores_a_deleted_golden_and_the_next_run_passes(variant, gold
     table = output[output.index("golden values refreshed") :]
     assert f"{variant}  synthetic  missing" in table and "new file" in table
     assert other not in table.split("review the change")[0]
+    summary = output[output.index("per-variant summary") :].splitlines()
+    assert any(line.startswith(variant) and "refreshed" in line for line in summary), summary
+    assert any(line.startswith(other) and " ok (" in line for line in summary), summary
     restored = load_record(golden_path(tmp_path, "synthetic", variant), variant, "synthetic")
     committed = golden_store.load("synthetic", variant)
     assert all(abs(a - b) <= DEFAULT_TOLERANCE for a, b in zip(restored.logits, committed.logits, strict=True))
