@@ -36,9 +36,9 @@ from timesformer_convert.golden import (
     GoldenMismatch,
     GoldenRecord,
     Observation,
-    check,
     compare,
     fingerprint,
+    gate,
     golden_path,
     load_record,
     new_record,
@@ -159,6 +159,15 @@ def real_record(run: ConvertedRun) -> GoldenRecord:
     )
 
 
+def provided(request, name: str):
+    """The fixture ``name`` when a plugin provides it (the download tier's ``real_checkpoint(variant)`` and
+    ``spaghetti_frames``, which fetch with --real), else None; its skips propagate."""
+    try:
+        return request.getfixturevalue(name)
+    except pytest.FixtureLookupError:
+        return None
+
+
 def load_or_fail(store: GoldenStore, kind: str, variant: str) -> GoldenRecord:
     __tracebackhide__ = True
     try:
@@ -168,12 +177,12 @@ def load_or_fail(store: GoldenStore, kind: str, variant: str) -> GoldenRecord:
     pytest.fail(refused, pytrace=False)  # outside the except block, so the message is not shown twice
 
 
-def gate(node, record: GoldenRecord, path: Path, run: ConvertedRun, protocol) -> None:
+def apply_gate(node, record: GoldenRecord, path: Path, run: ConvertedRun, protocol) -> None:
     """Compare ``run`` with ``record``; fail the test with the gate's message. A mismatch of an unverified record is
     raised as GoldenMismatch for the strict xfail that marks it."""
     __tracebackhide__ = True
     try:
-        comparison = check(record, path, run.observation, protocol, run.locate, run.checksum)
+        comparison = gate(record, path, run.observation, protocol, run.locate, run.checksum)
     except GoldenMismatch as e:
         if not record.verified:
             raise
@@ -203,7 +212,9 @@ def test_synthetic_golden(variant, synthetic_runs, golden_store, request):
         return
 
     record = load_or_fail(golden_store, "synthetic", variant)
-    gate(request.node, record, golden_store.path("synthetic", variant), run, synthetic_protocol(VARIANTS[variant]))
+    apply_gate(
+        request.node, record, golden_store.path("synthetic", variant), run, synthetic_protocol(VARIANTS[variant])
+    )
 
 
 @pytest.mark.slow
@@ -220,7 +231,10 @@ def test_real_golden(variant, golden_store, real_inputs, tmp_path, request):
         )
     record = None if refreshing else load_or_fail(golden_store, "real", variant)
 
-    run = real_run(variant, real_inputs.checkpoint(variant), real_inputs.video(), tmp_path)
+    checkpoint = provided(request, "real_checkpoint")
+    frames = provided(request, "spaghetti_frames")
+    checkpoint = checkpoint(variant) if checkpoint is not None else real_inputs.checkpoint(variant)
+    run = real_run(variant, checkpoint, frames if frames is not None else real_inputs.video(), tmp_path)
 
     if refreshing:
         golden_store.rewrite(request.node, real_record(run))
@@ -234,7 +248,7 @@ def test_real_golden(variant, golden_store, real_inputs, tmp_path, request):
                 "set verified to true",
             )
         )
-    gate(request.node, record, path, run, spaghetti_protocol(VARIANTS[variant]))
+    apply_gate(request.node, record, path, run, spaghetti_protocol(VARIANTS[variant]))
 
 
 # --- the golden files in the repository ----------------------------------------------------------------------------
@@ -325,9 +339,9 @@ def test_gate_fails_for_every_value_perturbed_beyond_tolerance(variant, syntheti
     # exercised on the base variant below and at every variant's native shape in test_variants.py.
     located = []
     moved = replace(record, logits=(record.logits[0] + 1e-3, *record.logits[1:]))
-    assert check(record, path, run.observation, protocol, lambda: located.append("ok")).ok and not located
+    assert gate(record, path, run.observation, protocol, lambda: located.append("ok")).ok and not located
     with pytest.raises(GoldenMismatch) as failure:
-        check(moved, path, run.observation, protocol, lambda: located.append("called") or "block 7 (stand-in)")
+        gate(moved, path, run.observation, protocol, lambda: located.append("called") or "block 7 (stand-in)")
     message = str(failure.value)
     assert located == ["called"]
     assert message.startswith(f"{variant}: the converted model's outputs differ from the synthetic golden {path}")
@@ -349,7 +363,7 @@ def test_perturbed_weight_is_caught_and_localized(variant, synthetic_runs, golde
     record = load_or_fail(golden_store, "synthetic", variant)
 
     with pytest.raises(GoldenMismatch) as failure:
-        check(
+        gate(
             record,
             golden_store.path("synthetic", variant),
             observation,
@@ -483,10 +497,10 @@ def test_real_tier_records_and_compares_a_full_checkpoint(variant, artifacts, tm
 
     assert record.output_shape == (1, 400) and len(record.hidden_states) == 13
     assert record.provenance["source_sha256"] == run.checksum
-    assert check(record, path, run.observation, protocol, run.locate).ok
+    assert gate(record, path, run.observation, protocol, run.locate).ok
     moved = replace(record, verified=False, note="made up", logits=(record.logits[0] + 1e-3, *record.logits[1:]))
     with pytest.raises(GoldenMismatch, match=f"{variant}: .* real golden"):
-        check(moved, path, run.observation, protocol, lambda: "not located in this test")
+        gate(moved, path, run.observation, protocol, lambda: "not located in this test")
 
 
 # --- records, files and protocols -----------------------------------------------------------------------------------
@@ -585,7 +599,7 @@ def test_a_record_made_on_another_input_is_never_compared(tmp_path):
     other_input = replace(record.protocol, mean=(0.5, 0.5, 0.5))
 
     with pytest.raises(GoldenError, match=r"recorded on another input than this run uses \(mean: recorded"):
-        check(record, tmp_path / "x.json", observation, other_input, lambda: pytest.fail("must not be located"))
+        gate(record, tmp_path / "x.json", observation, other_input, lambda: pytest.fail("must not be located"))
 
 
 def test_spaghetti_protocols_take_the_native_frames_and_crop():

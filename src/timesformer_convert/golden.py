@@ -729,7 +729,7 @@ def _relative(path: Path) -> Path:
         return Path(path)
 
 
-def check(
+def gate(
     record: GoldenRecord,
     path: Path,
     observation: Observation,
