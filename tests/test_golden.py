@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FORWARD_BLOCKS, SYNTHETIC_VERSION, VARIANT_NAMES
-from tests.plugins.golden import GOLDEN_PROPERTY, GoldenStore
+from tests.plugins.golden import GoldenStore, set_golden_status
 from timesformer_convert.checkpoint import read_state_dict
 from timesformer_convert.config import ModelShape
 from timesformer_convert.convert import WEIGHTS_NAME, convert_checkpoint
@@ -190,8 +190,7 @@ def apply_gate(node, record: GoldenRecord, path: Path, run: ConvertedRun, protoc
     except GoldenError as e:
         failure = str(e)
     else:
-        status = {"kind": record.kind, "status": "ok", "max_abs_diff": comparison.max_abs_diff}
-        node.user_properties.append((GOLDEN_PROPERTY, status))
+        set_golden_status(node, record.kind, "ok", max_abs_diff=comparison.max_abs_diff)
         return
     pytest.fail(failure, pytrace=False)  # outside the except block, so the message is not shown twice
 
@@ -202,7 +201,7 @@ def apply_gate(node, record: GoldenRecord, path: Path, run: ConvertedRun, protoc
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_synthetic_golden(variant, synthetic_runs, golden_store, request):
-    request.node.user_properties.append((GOLDEN_PROPERTY, {"kind": "synthetic", "status": "pending"}))
+    set_golden_status(request.node, "synthetic", "pending")
     run = synthetic_runs(variant)
 
     if golden_store.refreshing(variant):
@@ -220,7 +219,7 @@ def test_synthetic_golden(variant, synthetic_runs, golden_store, request):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_real_golden(variant, golden_store, real_inputs, tmp_path, request):
-    request.node.user_properties.append((GOLDEN_PROPERTY, {"kind": "real", "status": "pending"}))
+    set_golden_status(request.node, "real", "pending")
     real_inputs.require_enabled()
     path = golden_store.path("real", variant)
     refreshing = golden_store.refreshing(variant)
@@ -406,6 +405,7 @@ def copy_golden(store: GoldenStore, kind: str, variant: str, folder: Path) -> tu
 @pytest.mark.parametrize(
     ("variant", "value", "divergent"),
     [(BASE, "logits[2]", HEAD), ("timesformer-base-finetuned-ssv2", "block 1 mean", "block 1")],
+    ids=[f"{BASE}-logit", "timesformer-base-finetuned-ssv2-block-1"],
 )
 def test_golden_perturbed_by_1e3_fails_the_run(variant, value, divergent, golden_store, tmp_path):
     data, target = copy_golden(golden_store, "synthetic", variant, tmp_path)

@@ -88,6 +88,13 @@ def pytest_configure(config):
         config.pluginmanager.register(RefreshTable(), "golden-refresh-table")
 
 
+def set_golden_status(node, kind: str, status: str, **details) -> None:
+    """Record a golden test's status on its report (one ``golden`` property, replaced on each update) for the
+    per-variant summary and the JUnit XML."""
+    node.user_properties[:] = [entry for entry in node.user_properties if entry[0] != GOLDEN_PROPERTY]
+    node.user_properties.append((GOLDEN_PROPERTY, {"kind": kind, "status": status, **details}))
+
+
 class GoldenStore:
     """The golden folder of this run and whether a variant's goldens are re-recorded or compared."""
 
@@ -119,7 +126,7 @@ class GoldenStore:
             "change": "new file" if change is None else f"{change:.2e}",
         }
         node.user_properties.append((REFRESH_PROPERTY, row))
-        node.user_properties.append((GOLDEN_PROPERTY, {"kind": record.kind, "status": "refreshed"}))
+        set_golden_status(node, record.kind, "refreshed")
         return refresh
 
 
