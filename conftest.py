@@ -47,9 +47,7 @@ SYNTHETIC_VERSION = "1"
 FORWARD_BLOCKS = 1
 VARIANT_NAMES = list(VARIANTS)
 
-pytest_plugins = [
-    "tests.plugins.real",
-]
+pytest_plugins = ["tests.plugins.real", "tests.plugins.golden", "tests.plugins.summary"]
 
 
 def pytest_addoption(parser):

@@ -87,8 +87,11 @@ def measure(command: list[str], runs: int, before=None) -> dict:
         if index:
             samples.append(sample)
     return {
-        key: {"min": min(s[key] for s in samples), "median": statistics.median(s[key] for s in samples),
-              "max": max(s[key] for s in samples)}
+        key: {
+            "min": min(s[key] for s in samples),
+            "median": statistics.median(s[key] for s in samples),
+            "max": max(s[key] for s in samples),
+        }
         for key in ("wall", "peak_mib")
     }
 
@@ -151,8 +154,9 @@ def bench_forward(blocks: int) -> dict:
         if key in seen:
             continue
         seen.add(key)
-        run = subprocess.run([sys.executable, "-c", FORWARD, variant.name, str(blocks)], capture_output=True,
-                             text=True, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", FORWARD, variant.name, str(blocks)], capture_output=True, text=True, check=True
+        )
         results[f"{variant.num_frames} frames x {variant.image_size} px"] = json.loads(run.stdout)["seconds"]
     return results
 
@@ -160,15 +164,26 @@ def bench_forward(blocks: int) -> dict:
 def bench_suite(work: Path) -> dict:
     env = {**os.environ, "TIMESFORMER_CONVERT_CACHE": str(work / "suite-cache")}
     results = {}
-    for label, workers, cold in (("-n 0, cold", "0", True), ("-n auto, cold", "auto", True),
-                                 ("-n auto, warm", "auto", False)):
+    for label, workers, cold in (
+        ("-n 0, cold", "0", True),
+        ("-n auto, cold", "auto", True),
+        ("-n auto, warm", "auto", False),
+    ):
         if cold:
             shutil.rmtree(work / "suite-cache", ignore_errors=True)
         started = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", workers, "-p", "no:cacheprovider"],
-                             cwd=ROOT, env=env, capture_output=True, text=True)
-        results[label] = {"seconds": time.perf_counter() - started, "exit": run.returncode,
-                          "summary": run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""}
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-n", workers, "-p", "no:cacheprovider"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        results[label] = {
+            "seconds": time.perf_counter() - started,
+            "exit": run.returncode,
+            "summary": run.stdout.strip().splitlines()[-1] if run.stdout.strip() else "",
+        }
         builds = list((work / "suite-cache").glob("suite-*/builds.log"))
         results[label]["builds"] = sum(len(p.read_text().splitlines()) for p in builds)
     shutil.rmtree(work / "suite-cache", ignore_errors=True)
@@ -191,8 +206,10 @@ def format_results(results: dict) -> str:
         lines += [f"| {shape} | {seconds:.2f} |" for shape, seconds in results["forward"].items()]
     if results.get("suite"):
         lines += ["", "| test suite | seconds | builds | result |", "| --- | --- | --- | --- |"]
-        lines += [f"| pytest {label} | {r['seconds']:.0f} | {r['builds']} | {r['summary']} |"
-                  for label, r in results["suite"].items()]
+        lines += [
+            f"| pytest {label} | {r['seconds']:.0f} | {r['builds']} | {r['summary']} |"
+            for label, r in results["suite"].items()
+        ]
     return "\n".join(lines)
 
 
@@ -205,8 +222,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    results = {"date": date.today().isoformat(),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    results = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    }
     with tempfile.TemporaryDirectory(prefix="timesformer-bench-") as work:
         results["conversion"] = bench_conversion(Path(work), args.runs)
         if not args.no_forward:

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(params=VARIANT_NAMES)
 def variant(request):
+    request.node.user_properties.append(("check", "conversion"))
     return request.param
 
 
@@ -41,12 +42,13 @@ def _config(folder):
     return TimesformerConfig.from_pretrained(folder)
 
 
-def test_key_coverage_is_complete(variant, artifacts):
+def test_key_coverage_is_complete(variant, artifacts, record_property):
     folder = artifacts.converted(variant)
     expected = expected_tensors(_config(folder))
 
     with safe_open(folder / WEIGHTS_NAME, framework="pt") as handle:
         written = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    record_property("key_coverage", f"{len(set(written) & set(expected))}/{len(expected)}")
 
     missing, unexpected = sorted(set(expected) - set(written)), sorted(set(written) - set(expected))
     assert not missing and not unexpected, f"{variant}: missing {missing}, unexpected {unexpected}"
@@ -96,12 +98,13 @@ def test_transformers_loads_the_folder(variant, artifacts):
     assert json.loads((folder / CONFIG_NAME).read_text())["model_type"] == "timesformer"
 
 
-def test_logits_and_hidden_states_match_the_reference_at_native_shape(variant, artifacts):
+def test_logits_and_hidden_states_match_the_reference_at_native_shape(variant, artifacts, record_property):
     actual = artifacts.converted_outputs(variant)
     expected = artifacts.reference_outputs(variant)
 
     comparison = compare_outputs(actual, expected)
 
+    record_property("max_abs_diff", max(comparison.max_abs_diff, comparison.max_hidden_diff))
     assert actual.logits.shape == (1, VARIANTS[variant].num_labels)
     assert len(actual.hidden_states) == FORWARD_BLOCKS + 1
     assert comparison.agrees(), (
