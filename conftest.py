@@ -31,6 +31,7 @@ from timesformer_convert.verify import (
     native_clip,
     reference_outputs,
     shallow,
+    variant_seed,
     variant_shape,
     write_synthetic_checkpoint,
 )
@@ -43,7 +44,7 @@ ORACLE_ENV = "TIMESFORMER_ORACLE_DIR"
 DEFAULT_ORACLE = ROOT.parent / "shared" / "oracle"
 
 # Bump when the synthetic weights or the way they are built change, so cached artifacts are rebuilt.
-SYNTHETIC_VERSION = "1"
+SYNTHETIC_VERSION = "2"
 FORWARD_BLOCKS = 1
 VARIANT_NAMES = list(VARIANTS)
 
@@ -245,7 +246,7 @@ class Artifacts:
             "checkpoint",
             name,
             self.folder / f"{name}.pyth",
-            lambda staging: write_synthetic_checkpoint(shape, staging),
+            lambda staging: write_synthetic_checkpoint(shape, staging, seed=variant_seed(variant)),
         )
 
     def converted(self, variant: str, blocks: int | None = None) -> Path:

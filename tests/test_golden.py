@@ -54,7 +54,7 @@ from timesformer_convert.golden import (
 )
 from timesformer_convert.inference import load_converted, to_pixel_values
 from timesformer_convert.variants import VARIANTS
-from timesformer_convert.verify import native_clip, shallow, variant_shape
+from timesformer_convert.verify import native_clip, shallow, variant_seed, variant_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "timesformer-base-finetuned-k400"
@@ -130,7 +130,8 @@ def real_run(variant: str, checkpoint: Path, video, work_dir: Path) -> Converted
 
 def synthetic_record(run: ConvertedRun) -> GoldenRecord:
     source = (
-        f"synthetic checkpoint of {run.variant}: reference.synthetic_checkpoint(seed=0), synthetic version "
+        f"synthetic checkpoint of {run.variant}: reference.synthetic_checkpoint, seed {variant_seed(run.variant)}, "
+        "synthetic version "
         f"{SYNTHETIC_VERSION}, first {FORWARD_BLOCKS} blocks"
     )
     protocol = synthetic_protocol(VARIANTS[run.variant])

@@ -23,6 +23,7 @@ from .verify import (
     native_clip,
     roundtrip_mismatches,
     shallow,
+    variant_seed,
     variant_shape,
     write_synthetic_checkpoint,
 )
@@ -64,7 +65,7 @@ def check_variant(variant: Variant, work_dir: Path, forward_blocks: int = 1) -> 
     checkpoint = work_dir / f"{variant.name}.pyth"
     converted = work_dir / variant.name
     try:
-        write_synthetic_checkpoint(full_shape, checkpoint)
+        write_synthetic_checkpoint(full_shape, checkpoint, seed=variant_seed(variant.name))
         report = convert_checkpoint(checkpoint, converted, variant=variant, overwrite=True)
         row.tensors = report.num_tensors
         row.coverage = "complete"
@@ -77,7 +78,7 @@ def check_variant(variant: Variant, work_dir: Path, forward_blocks: int = 1) -> 
         small_shape = shallow(full_shape, forward_blocks)
         small_checkpoint = work_dir / f"{variant.name}-{forward_blocks}blocks.pyth"
         small_converted = work_dir / f"{variant.name}-{forward_blocks}blocks"
-        write_synthetic_checkpoint(small_shape, small_checkpoint)
+        write_synthetic_checkpoint(small_shape, small_checkpoint, seed=variant_seed(variant.name))
         convert_checkpoint(small_checkpoint, small_converted, variant=None, overwrite=True)
         comparison = compare_forward(
             small_converted, read_state_dict(small_checkpoint), small_shape, native_clip(small_shape)

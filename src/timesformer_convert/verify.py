@@ -8,6 +8,7 @@ without any download.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -57,6 +58,12 @@ def save_atomically(obj: object, path: str | os.PathLike) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def variant_seed(name: str) -> int:
+    """A stable seed per variant, so that no two variants' synthetic checkpoints share weights: a mix-up between
+    variants (one cached file reused for another) then changes every value."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
 def write_synthetic_checkpoint(shape: ModelShape, path: str | os.PathLike, seed: int = 0) -> Path:
