@@ -152,10 +152,18 @@ def oracle_case_dir(request, oracle_case) -> Path:
 
 
 def _suite_key() -> str:
+    """Versions that shape the cached artifacts, plus a digest of the package's own sources: a changed rule or writer
+    must never be tested against conversions an older version made, even if nobody bumped CONVERTER_VERSION."""
     import transformers
 
-    versions = f"{SYNTHETIC_VERSION}|{CONVERTER_VERSION}|{torch.__version__}|{transformers.__version__}"
-    return hashlib.sha256(versions.encode()).hexdigest()[:12]
+    import timesformer_convert
+
+    digest = hashlib.sha256(
+        f"{SYNTHETIC_VERSION}|{CONVERTER_VERSION}|{torch.__version__}|{transformers.__version__}".encode()
+    )
+    for source in sorted(Path(timesformer_convert.__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _suite_folder() -> Path:
