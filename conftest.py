@@ -87,7 +87,17 @@ def _guarded_getaddrinfo(host, *args, **kwargs):
     return _real_getaddrinfo(host, *args, **kwargs)
 
 
+def _check_oracle_dir(config) -> None:
+    """A folder named on the command line must exist: a mistyped one must not turn the ground-truth tests into
+    skips."""
+    configured = config.getoption("--oracle-dir")
+    if configured and not Path(configured).is_dir():
+        what = "is not a folder" if Path(configured).exists() else "does not exist"
+        raise pytest.UsageError(f"--oracle-dir {configured}: {what}; give the folder of oracle cases")
+
+
 def pytest_configure(config):
+    _check_oracle_dir(config)
     # --real (tests/plugins/real.py) is the one explicit request to download the released files from the internet.
     if not config.getoption("--real"):
         socket.socket.connect = _guarded_connect

@@ -597,6 +597,22 @@ def test_missing_and_malformed_files_are_refused_naming_the_file(tmp_path):
         load_record(broken, BASE, "synthetic")
 
 
+def test_unreadable_golden_files_are_refused_naming_the_file(tmp_path):
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe{")
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+
+    with pytest.raises(GoldenError, match="binary.json: cannot be read as a golden file"):
+        load_record(binary, BASE, "synthetic")
+    with pytest.raises(GoldenError, match="folder.json: cannot be read as a golden file"):
+        load_record(folder, BASE, "synthetic")
+    with pytest.raises(GoldenError, match="deep.json: not valid JSON"):
+        load_record(deep, BASE, "synthetic")
+
+
 def test_a_record_made_on_another_input_is_never_compared(tmp_path):
     record = made_up_record()
     observation = Observation(torch.zeros(1, 400), [])

@@ -24,9 +24,18 @@ pytestmark = pytest.mark.oracle
 
 
 def _case(folder):
-    case = json.loads((folder / "case.json").read_text())
-    clip = torch.from_numpy(np.load(folder / "input_bcthw.npy"))
-    logits = torch.from_numpy(np.load(folder / "logits.npy"))
+    """The case file, input and logits of one oracle case; a damaged case fails in one line naming the file."""
+    problem = None
+    try:
+        case = json.loads((folder / "case.json").read_text())
+        clip = torch.from_numpy(np.load(folder / "input_bcthw.npy"))
+        logits = torch.from_numpy(np.load(folder / "logits.npy"))
+    except (OSError, ValueError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem is not None:  # failed outside the except block, so the report is the one line
+        pytest.fail(f"{folder}: damaged oracle case ({problem})", pytrace=False)
+    if not isinstance(case, dict):
+        pytest.fail(f"{folder / 'case.json'}: damaged oracle case (not a JSON object)", pytrace=False)
     return case, clip, logits
 
 
@@ -91,8 +100,8 @@ def test_conversion_reproduces_the_original(oracle_case_dir, tmp_path):
 def test_space_only_stock_output_is_per_frame(request, tmp_path):
     folders = [
         path.parent
-        for path in oracle_dir(request.config).glob("*/case.json")
-        if json.loads(path.read_text())["attention_type"] == SPACE_ONLY
+        for path in sorted(oracle_dir(request.config).glob("*/case.json"))
+        if _case(path.parent)[0].get("attention_type") == SPACE_ONLY
     ]
     if not folders:
         pytest.skip(f"no space-only oracle case; pass --oracle-dir DIR or set {ORACLE_ENV}")

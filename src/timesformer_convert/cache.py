@@ -18,10 +18,15 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .errors import ConversionError
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "TIMESFORMER_CONVERT_CACHE"
 LOCK_TIMEOUT_SECONDS = 3600
+# What the converter and its test suite put at the top of the cache; ``clean`` deletes these and nothing else, so a
+# cache variable pointed at the wrong folder (a home folder, a project) never costs the files that were there.
+OWNED_ENTRIES = re.compile(r"(checkpoints|downloads|real|suite-[0-9a-f]+)")
 
 
 def cache_dir() -> Path:
@@ -31,7 +36,16 @@ def cache_dir() -> Path:
         root = Path(configured)
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "timesformer-convert"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = f"${CACHE_ENV}" if configured else "the default cache folder"
+        raise ConversionError(
+            f"{root}: cannot be used as the cache folder ({where}: {e.strerror or e}); set {CACHE_ENV} to a folder "
+            "you can write"
+        ) from e
+    if not root.is_dir():
+        raise ConversionError(f"{root}: is not a folder, so it cannot hold the cache; set {CACHE_ENV} to a folder")
     return root
 
 
@@ -83,12 +97,27 @@ def _remove_stale_staging(target: Path) -> None:
 
 
 def clean(root: Path | None = None) -> int:
-    """Delete everything in the cache; return the number of bytes freed."""
+    """Delete what the converter cached (see ``OWNED_ENTRIES``); return the number of bytes freed.
+
+    Anything else in the folder was not put there by the converter and is kept, with a warning naming it.
+    """
     root = root or cache_dir()
-    freed = sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
-    for entry in root.iterdir():
+    owned = [entry for entry in root.iterdir() if OWNED_ENTRIES.fullmatch(entry.name) and not entry.is_symlink()]
+    foreign = sorted(entry.name for entry in root.iterdir() if entry not in owned)
+    if foreign:
+        logger.warning(
+            "%s: kept %d entr%s the converter did not create: %s",
+            root,
+            len(foreign),
+            "y" if len(foreign) == 1 else "ies",
+            ", ".join(foreign[:10]) + (" ..." if len(foreign) > 10 else ""),
+        )
+    freed = 0
+    for entry in owned:
         if entry.is_dir():
+            freed += sum(path.stat().st_size for path in entry.rglob("*") if path.is_file())
             shutil.rmtree(entry, ignore_errors=True)
         else:
+            freed += entry.stat().st_size
             entry.unlink(missing_ok=True)
     return freed

@@ -9,17 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .errors import ConversionError
+from .errors import CheckpointError, ConversionError
 
 logger = logging.getLogger("timesformer_convert")
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+MAX_TIMEOUT_SECONDS = 86400
+
+# A source of the form scheme://..., which as a path would be looked for under a folder named "scheme:".
+_FOREIGN_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _positive(text: str) -> int:
@@ -39,11 +44,20 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if value > MAX_TIMEOUT_SECONDS:  # also infinity, which the socket layer cannot turn into a deadline
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_TIMEOUT_SECONDS} seconds, got {text!r}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``error:`` line and exit status 2, instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="timesformer-convert",
         description="Convert original TimeSformer checkpoints to Hugging Face transformers and verify them.",
     )
@@ -103,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--json", action="store_true", help="print a JSON list")
 
     cache = commands.add_parser("cache", parents=[common], help="show or empty the cache folder")
-    cache.add_argument("action", choices=("info", "clean"), help="info: location and size; clean: delete everything")
+    cache.add_argument(
+        "action", choices=("info", "clean"), help="info: location and size; clean: delete what the converter cached"
+    )
 
     selfcheck = commands.add_parser(
         "selfcheck",
@@ -193,6 +209,12 @@ def _checkpoint_source(args, variant) -> tuple[Path, str]:
             raise ConversionError("no checkpoint given: pass a file or URL, or --variant NAME to fetch its release")
         path = fetch_variant(variant, checkpoint_dir=args.checkpoint_dir, **fetching)
         return path, variant.original_file
+    if _FOREIGN_URL.match(args.source) and not is_url(args.source) and not Path(args.source).exists():
+        scheme = args.source.partition(":")[0]
+        raise ConversionError(
+            f"{args.source}: {scheme} URLs are not downloaded, only http(s); download the file yourself and pass "
+            "its path"
+        )
     if is_url(args.source):
         from urllib.parse import unquote, urlsplit
 
@@ -205,20 +227,42 @@ def _checkpoint_source(args, variant) -> tuple[Path, str]:
     return Path(args.source), Path(args.source).name
 
 
+def _drop_cached(path: Path) -> str:
+    """Delete ``path`` when it is a download in the cache that cannot be loaded (damaged after it was checked in), so
+    that the next run downloads it again instead of failing on it forever. Returns what the user should do."""
+    from filelock import FileLock
+
+    from .cache import LOCK_TIMEOUT_SECONDS, cache_dir
+
+    if cache_dir().resolve() not in path.resolve().parents:
+        return "replace that file with a good copy"
+    with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_SECONDS):
+        path.unlink(missing_ok=True)
+    logger.info("removed the damaged cached download %s", path)
+    return "the cached copy was removed, so the next run downloads it again"
+
+
 def _command_convert(args) -> int:
     from .checkpoint import read_state_dict
     from .convert import check_output, convert_state_dict, transformers_config, write_output
+    from .download import is_url
     from .variants import get_variant
 
     variant = get_variant(args.variant) if args.variant else None
     check_output(args.out, args.overwrite, args.source)
     if args.labels is not None and not args.labels.is_file():
-        raise ConversionError(f"{args.labels}: label file not found; give a JSON file mapping class index to name")
+        what = "is a directory, not a label file" if args.labels.is_dir() else "label file not found"
+        raise ConversionError(f"{args.labels}: {what}; give a JSON file mapping class index to name")
 
     started = time.perf_counter()
     path, original_name = _checkpoint_source(args, variant)
     shown = args.source or str(path)
-    state_dict = read_state_dict(path)
+    try:
+        state_dict = read_state_dict(path)
+    except CheckpointError as e:
+        if args.source is not None and not is_url(args.source):
+            raise
+        raise CheckpointError(f"{e}; {_drop_cached(path)}") from e
     # Labels are looked up once the checkpoint passed every check, so that a refusal is the only line printed.
     tensors, config, shape, counts = convert_state_dict(
         state_dict, variant, args.num_attention_heads, args.num_frames, source=shown

@@ -119,6 +119,25 @@ def check_tensors(state_dict: Mapping, source: str) -> None:
         raise ConversionError(f"{source}: {count} not dense {kinds} weights: {', '.join(sorted(problems))}")
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str, shown: int = 10) -> None:
+    """Raise ConversionError naming the entries that hold NaN or infinite values.
+
+    A model with such a weight produces NaN logits for every input; the checkpoint is damaged (a diverged run or a
+    broken copy), and a converted folder would pass for a good one until it is run.
+    """
+    bad = []
+    for key, tensor in state_dict.items():
+        finite = tensor.isfinite()
+        if not bool(finite.all()):
+            bad.append(f"{key} ({tensor.numel() - int(finite.sum())} of {tensor.numel()})")
+    if bad:
+        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise ConversionError(
+            f"{source}: {len(bad)} weight{'s hold' if len(bad) > 1 else ' holds'} NaN or infinite values: "
+            f"{', '.join(sorted(bad)[:shown])}{more}; the checkpoint is damaged, convert a good copy of it"
+        )
+
+
 def rename_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename every key of an original state dict to transformers' layout. Tensors are not touched."""
     mapping = rename_keys(state_dict)
@@ -212,6 +231,9 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False, source: st
     """
     out_dir = Path(out_dir)
     if not out_dir.exists() and not out_dir.is_symlink():
+        ancestor = next(parent for parent in out_dir.absolute().parents if parent.exists())
+        if not ancestor.is_dir():
+            raise ConversionError(f"{out_dir}: cannot be created, {ancestor} is not a folder; choose another --out")
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir}: already exists; pass --overwrite to replace it, or choose another --out")
@@ -258,7 +280,16 @@ def _replace(staging: Path, out_dir: Path) -> None:
     system allows: none where paths can be exchanged, else between two renames (the old folder then waits in a
     ``.NAME.old-*`` folder beside it)."""
     if not out_dir.exists():
-        os.replace(staging, out_dir)
+        try:
+            os.replace(staging, out_dir)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Another conversion into the same folder finished between the check and the rename; its output stays.
+            raise FileExistsError(
+                f"{out_dir}: was created by another conversion while this one ran; pass --overwrite to replace it, "
+                "or choose another --out"
+            ) from e
     elif _exchange(staging, out_dir):
         shutil.rmtree(staging, ignore_errors=True)  # it now holds the old output
     else:
@@ -309,8 +340,14 @@ def write_output(
             out_dir,
             ", ".join(path.name for path in leftovers),
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{STAGING_MARK}", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{STAGING_MARK}", dir=out_dir.parent))
+    except OSError as e:
+        raise ConversionError(
+            f"{out_dir}: cannot write the output folder beside it "
+            f"({e.strerror or e}: {e.filename or out_dir.parent}); choose another --out"
+        ) from e
     try:
         write_safetensors(staging / WEIGHTS_NAME, tensors, metadata={"format": "pt", **metadata})
         config.to_json_file(staging / CONFIG_NAME)
@@ -337,6 +374,12 @@ def convert_state_dict(
     if variant is not None and num_frames is None and not any(strip_prefixes(k) == "time_embed" for k in state_dict):
         num_frames = variant.num_frames
     shape = infer_shape(state_dict, num_attention_heads=num_attention_heads, num_frames=num_frames, source=source)
+    if shape.num_frames is None:
+        # The config would otherwise say 8 frames, which a processor or pipeline then feeds the model.
+        raise ConversionError(
+            f"{source}: a space-only model has no time embedding to read its frame count from; pass --num-frames N "
+            "(the frames per clip it was trained on)"
+        )
     if variant is not None:
         check_variant(shape, variant, source)
 
@@ -348,6 +391,7 @@ def convert_state_dict(
     renamed = {mapping[key]: tensor for key, tensor in state_dict.items()}
     config = transformers_config(shape, variant, id2label)
     check_coverage(renamed, expected_tensors(config), source, origins={target: key for key, target in mapping.items()})
+    check_finite(state_dict, source)
     tensors = prepare_tensors(renamed, source)
 
     counts = rules_used(strip_prefixes(key) for key in state_dict)

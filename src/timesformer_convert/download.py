@@ -54,8 +54,24 @@ _DRIVE_HOSTS = ("drive.google.com", "docs.google.com")
 
 
 def is_url(text: str) -> bool:
-    """True when ``text`` is an http(s) URL rather than a path."""
-    return urllib.parse.urlsplit(str(text)).scheme in ("http", "https")
+    """True when ``text`` is an http(s) URL rather than a path (also when it is a malformed one, such as an
+    unclosed IPv6 bracket, so that it is refused as a URL rather than looked for as a file)."""
+    try:
+        scheme = urllib.parse.urlsplit(str(text)).scheme
+    except ValueError:
+        scheme = str(text).partition("://")[0].lower()
+    return scheme in ("http", "https")
+
+
+def check_url(url: str) -> None:
+    """Raise DownloadError unless ``url`` parses as an http(s) URL with a host and a valid port."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check: it raises ValueError when out of range
+    except ValueError as e:
+        raise DownloadError(f"{url}: is not a valid URL ({e}); check the link") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DownloadError(f"{url}: is not a valid http(s) URL (no host); check the link")
 
 
 def is_google_drive(url: str) -> bool:
@@ -334,6 +350,7 @@ def fetch_url(
     A released variant's own link is cached and pinned as that variant; any other URL under its own name and key.
     Raises DownloadError as :func:`fetch` does.
     """
+    check_url(url)
     variant = variant_for_url(url)
     if variant is not None:
         return fetch(

@@ -500,9 +500,12 @@ def load_record(path: str | os.PathLike, variant: str, kind: str) -> GoldenRecor
             f"{path}: no golden file for {variant}; record it with `{REFRESH_HINT.format(variant=variant)}` "
             "and commit it"
         ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise GoldenError(f"{path}: cannot be read as a golden file ({why}); {_fix(variant)}") from e
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise GoldenError(f"{path}: not valid JSON ({e}); {_fix(variant)}") from e
     return record_from_dict(data, path, get_variant(variant), kind)
 
@@ -595,15 +598,22 @@ class Comparison:
 
     @property
     def failing(self) -> list[tuple[str, float, float]]:
-        return [row for row in self.rows if abs(row[1] - row[2]) > self.tolerance]
+        return [row for row in self.rows if not _within(row[1], row[2], self.tolerance)]
 
     @property
     def max_abs_diff(self) -> float:
-        return max((abs(expected - actual) for _, expected, actual in self.rows), default=0.0)
+        diffs = [abs(expected - actual) for _, expected, actual in self.rows]
+        return math.inf if any(math.isnan(diff) for diff in diffs) else max(diffs, default=0.0)
 
     @property
     def ok(self) -> bool:
         return not self.failing and not self.problems
+
+
+def _within(expected: float, actual: float, tolerance: float) -> bool:
+    """Whether ``actual`` lies within ``tolerance`` of ``expected``; a NaN never does (every comparison with NaN is
+    false, so ``abs(diff) > tolerance`` would let it pass)."""
+    return abs(expected - actual) <= tolerance
 
 
 def compare(record: GoldenRecord, observation: Observation) -> Comparison:
@@ -626,7 +636,7 @@ def compare(record: GoldenRecord, observation: Observation) -> Comparison:
                     (f"{expected.name} {key}", value, actual_values[key]) for key, value in expected.values().items()
                 ]
                 comparison.rows.extend(rows)
-                if comparison.first_divergent is None and any(abs(e - a) > record.tolerance for _, e, a in rows):
+                if comparison.first_divergent is None and any(not _within(e, a, record.tolerance) for _, e, a in rows):
                     comparison.first_divergent = expected.name
 
     logits = observation.logits
@@ -647,7 +657,7 @@ def _top5_problems(expected: tuple[int, ...], row: torch.Tensor, tolerance: floa
     top = row.topk(len(expected))
     problems = []
     for rank, index in enumerate(expected):
-        if abs(row[index].item() - top.values[rank].item()) > tolerance:
+        if not _within(row[index].item(), top.values[rank].item(), tolerance):
             problems.append(
                 f"top-5 rank {rank}: expected class {index} (logit now {row[index].item():.6f}), got class "
                 f"{top.indices[rank].item()} ({top.values[rank].item():.6f})"

@@ -26,23 +26,53 @@ def read_label_file(path: str | os.PathLike, num_labels: int | None = None) -> d
     hold exactly ``num_labels`` consecutive indices from 0.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(
+            f"{path}: is a directory, not a label file; give a JSON file mapping class index to name"
+        )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except OSError as e:
         raise ConversionError(f"{path}: cannot read the label file ({e.strerror or e})") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConversionError(f"{path}: the label file is not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise ConversionError(f"{path}: the label file nests too deeply to be a label map") from e
+    except _DuplicateKeyError as e:
+        raise ConversionError(f"{path}: the label file gives class {e} twice; keep one name per class") from e
     if not isinstance(raw, dict):
         raise ConversionError(f"{path}: the label file must be a JSON object mapping class index to name")
-    try:
-        labels = {int(index): str(name) for index, name in raw.items()}
-    except ValueError as e:
-        raise ConversionError(f'{path}: label file keys must be class indices ("0", "1", ...)') from e
+    if any(not isinstance(index, str) or not index.isascii() or not index.isdigit() for index in raw):
+        raise ConversionError(f'{path}: label file keys must be class indices ("0", "1", ...)')
+    not_names = sorted((index for index, name in raw.items() if not isinstance(name, str)), key=int)
+    if not_names:
+        raise ConversionError(
+            f"{path}: label names must be strings; class {', '.join(not_names[:10])} "
+            f"{'is' if len(not_names) == 1 else 'are'} not"
+        )
+    labels = {}
+    for index, name in raw.items():
+        if int(index) in labels:
+            raise ConversionError(f"{path}: the label file gives class {int(index)} twice; keep one name per class")
+        labels[int(index)] = name
     if num_labels is not None and sorted(labels) != list(range(num_labels)):
         raise ConversionError(
             f"{path}: holds {len(labels)} labels, but the checkpoint's head has {num_labels} classes"
         )
     return labels
+
+
+class _DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (``json`` would silently keep the last)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKeyError(key)
+        seen[key] = value
+    return seen
 
 
 def hub_label_file(variant: Variant, download: bool = False) -> Path | None:

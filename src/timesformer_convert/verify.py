@@ -141,7 +141,7 @@ class ForwardComparison:
 def first_divergent_block(ours: list[torch.Tensor], theirs: list[torch.Tensor], atol: float) -> int | None:
     """Index of the first block whose output differs beyond ``atol`` (-1 for the embeddings), or None."""
     for index, (a, b) in enumerate(zip(ours, theirs, strict=False)):
-        if a.shape != b.shape or (a - b).abs().max().item() > atol:
+        if a.shape != b.shape or not (a - b).abs().max().item() <= atol:  # a NaN diverges too
             return index - 1
     return None
 
