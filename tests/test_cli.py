@@ -155,10 +155,20 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_selfcheck_prints_a_row_per_variant(tmp_path):
-    result = run_cli("selfcheck", "--variant", "timesformer-base-finetuned-ssv2", "--json", tmp_path / "rows.json")
+def test_selfcheck_prints_a_row_per_variant_and_keeps_its_work_dir(tmp_path):
+    variant = "timesformer-base-finetuned-ssv2"
+    work = tmp_path / "work"
+    result = run_cli("selfcheck", "--variant", variant, "--json", tmp_path / "rows.json", "--work-dir", work)
 
     assert result.returncode == 0, result.stderr
-    assert "timesformer-base-finetuned-ssv2" in result.stdout and "complete" in result.stdout
+    assert variant in result.stdout and "complete" in result.stdout
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert rows[0]["ok"] and rows[0]["tensors"] == 249 and rows[0]["roundtrip"] == "identical"
+    # --work-dir keeps what it built: the synthetic checkpoints and their conversions, to try by hand.
+    assert {path.name for path in work.iterdir()} == {
+        f"{variant}.pyth",
+        variant,
+        f"{variant}-1blocks.pyth",
+        f"{variant}-1blocks",
+    }
+    assert (work / variant / "model.safetensors").is_file()

@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="blocks in the model used for the forward check (default 1)",
     )
-    selfcheck.add_argument("--work-dir", type=Path, help="keep checkpoints and conversions here (default: temporary)")
+    selfcheck.add_argument(
+        "--work-dir",
+        type=Path,
+        help="keep checkpoints and conversions here, about 1 GB a variant (default: temporary)",
+    )
     selfcheck.add_argument("--json", type=Path, help="also write the table as JSON to this file")
     return parser
 
@@ -256,7 +260,7 @@ def _command_selfcheck(args) -> int:
     variants = [get_variant(name) for name in args.variant] if args.variant else list(VARIANTS.values())
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
-        rows = run_selfcheck(variants, args.work_dir, args.forward_blocks)
+        rows = run_selfcheck(variants, args.work_dir, args.forward_blocks, keep=True)
     else:
         with tempfile.TemporaryDirectory(prefix="timesformer-selfcheck-") as work_dir:
             rows = run_selfcheck(variants, Path(work_dir), args.forward_blocks)
