@@ -99,13 +99,20 @@ def test_convert_with_a_label_file(tiny_checkpoint, tmp_path):
     assert config["id2label"]["3"] == "class 3"
 
 
-def test_label_file_of_the_wrong_size_is_refused(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "indices, fragment",
+    [
+        pytest.param([0], "holds 1 labels, but the checkpoint's head has 5 classes", id="too-few"),
+        pytest.param([0, 1, 2, 3, 5], "class indices must run from 0 to 4; missing 4, out of range 5", id="a-gap"),
+    ],
+)
+def test_label_file_that_does_not_fit_the_head_is_refused(tiny_checkpoint, tmp_path, indices, fragment):
     labels = tmp_path / "labels.json"
-    labels.write_text(json.dumps({"0": "a"}))
+    labels.write_text(json.dumps({str(i): f"class {i}" for i in indices}))
 
     result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", "--labels", labels)
 
-    assert_one_line_error(result, str(labels), "5 classes")
+    assert_one_line_error(result, str(labels), fragment)
     assert not (tmp_path / "out").exists()
 
 

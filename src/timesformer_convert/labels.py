@@ -38,11 +38,24 @@ def read_label_file(path: str | os.PathLike, num_labels: int | None = None) -> d
         labels = {int(index): str(name) for index, name in raw.items()}
     except ValueError as e:
         raise ConversionError(f'{path}: label file keys must be class indices ("0", "1", ...)') from e
-    if num_labels is not None and sorted(labels) != list(range(num_labels)):
+    if num_labels is not None and len(labels) != num_labels:
         raise ConversionError(
             f"{path}: holds {len(labels)} labels, but the checkpoint's head has {num_labels} classes"
         )
+    if num_labels is not None and sorted(labels) != list(range(num_labels)):
+        missing = sorted(set(range(num_labels)) - set(labels))
+        extra = sorted(set(labels) - set(range(num_labels)))
+        raise ConversionError(
+            f"{path}: class indices must run from 0 to {num_labels - 1}; missing {_some(missing)}, "
+            f"out of range {_some(extra)}"
+        )
     return labels
+
+
+def _some(indices: list[int], shown: int = 5) -> str:
+    """The first ``shown`` indices, and how many more."""
+    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+    return ", ".join(map(str, indices[:shown])) + more
 
 
 def hub_label_file(variant: Variant, download: bool = False) -> Path | None:
