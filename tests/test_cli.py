@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -79,6 +80,10 @@ def test_convert_writes_a_loadable_folder(tiny_checkpoint, tmp_path):
     ]
     model = TimesformerForVideoClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_attention_heads == 2 and model.config.num_frames == 4
+    # The folder is readable as any folder the user makes (not tempfile's 0700).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
 
 
 def test_convert_without_labels_warns_how_to_supply_them(tiny_checkpoint, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -528,6 +529,9 @@ def test_a_record_reads_back_equal_and_diffs_in_few_lines(tmp_path):
     assert refresh.previous_state == "missing" and refresh.largest_change() is None
     assert load_record(path, record.variant, "synthetic") == record
     assert not [p.name for p in path.parent.iterdir() if p.name != path.name], "temporary files left behind"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, "a golden is written like any file, not 0600"
 
     before = path.read_text().splitlines()
     second = write_record(path, replace(record, logits=(record.logits[0] + 0.25, *record.logits[1:])))
