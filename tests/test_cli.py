@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from timesformer_convert.config import DIVIDED, ModelShape
+from timesformer_convert.config import DIVIDED, SPACE_ONLY, ModelShape
 from timesformer_convert.reference import synthetic_checkpoint
 
 TINY = ModelShape(32, 2, 2, 64, 4, 32, 16, 5, DIVIDED)
@@ -91,6 +91,21 @@ def test_convert_without_labels_warns_how_to_supply_them(tiny_checkpoint, tmp_pa
 
     assert result.returncode == 0, result.stderr
     assert "--labels FILE" in result.stderr
+
+
+def test_convert_warns_about_frames_and_heads_it_had_to_assume(tmp_path):
+    checkpoint = tmp_path / "space_only.pyth"
+    torch.save(synthetic_checkpoint(ModelShape(32, 2, 2, 64, None, 32, 16, 5, SPACE_ONLY)), checkpoint)
+
+    guessed = run_cli("convert", checkpoint, "--out", tmp_path / "guessed")
+    given = run_cli(
+        "convert", checkpoint, "--out", tmp_path / "given", "--num-frames", "4", "--num-attention-heads", "2"
+    )
+
+    assert guessed.returncode == 0 and given.returncode == 0, guessed.stderr + given.stderr
+    assert "config.json gets 8 frames; pass --num-frames N" in guessed.stderr
+    assert "hidden size 32 is not a multiple of 64: assumed 1 attention head(s)" in guessed.stderr
+    assert "--num-frames" not in given.stderr and "--num-attention-heads" not in given.stderr
 
 
 def test_convert_with_a_label_file(tiny_checkpoint, tmp_path):

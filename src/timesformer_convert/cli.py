@@ -153,8 +153,10 @@ def _command_rules(args) -> int:
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
+    name_width = max(len(row["name"]) for row in table)
+    source_width = max(len(row["source"]) for row in table)
     for row in table:
-        print(f"{row['name']:<20} {row['source']:<36} -> {row['target']}")
+        print(f"{row['name']:<{name_width}}  {row['source']:<{source_width}} -> {row['target']}")
     return 0
 
 
@@ -177,6 +179,24 @@ def _resolve_labels(args, variant, num_labels):
         )
         return None
     return read_label_file(path, num_labels)
+
+
+def _warn_about_guesses(args, variant, shape) -> None:
+    """Warn when config.json gets a value the checkpoint's shapes do not hold and the user did not give."""
+    from .config import SPACE_ONLY
+
+    if shape.attention_type == SPACE_ONLY and shape.num_frames is None:
+        logger.warning(
+            "space-only checkpoint: no time embedding to read the frame count from; config.json gets 8 frames; "
+            "pass --num-frames N"
+        )
+    if variant is None and args.num_attention_heads is None and shape.hidden_size % 64:
+        logger.warning(
+            "hidden size %d is not a multiple of 64: assumed %d attention head(s), which shapes cannot confirm; "
+            "pass --num-attention-heads N",
+            shape.hidden_size,
+            shape.num_attention_heads,
+        )
 
 
 def _checkpoint_source(args, variant) -> tuple[Path, str]:
@@ -227,6 +247,7 @@ def _command_convert(args) -> int:
     tensors, config, shape, counts = convert_state_dict(
         state_dict, variant, args.num_attention_heads, args.num_frames, source=shown
     )
+    _warn_about_guesses(args, variant, shape)
     labels = _resolve_labels(args, variant, shape.num_labels)
     if labels:
         config = transformers_config(shape, variant, labels)
