@@ -230,7 +230,7 @@ def test_real_golden(variant, golden_store, real_inputs, tmp_path, request):
     if not refreshing and not path.exists():
         pytest.skip(
             f"no real golden for {variant} (none was published); record one with "
-            f"`pytest --checkpoint-dir DIR --refresh-golden --golden-variant {variant}`"
+            f"`pytest --checkpoint-dir=DIR --refresh-golden --golden-variant {variant}`"
         )
     record = None if refreshing else load_or_fail(golden_store, "real", variant)
 
@@ -476,7 +476,7 @@ def test_real_goldens_skip_with_how_to_enable_them():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 skipped" in result.stdout
     assert "real checkpoints are not enabled: pass --real" in result.stdout
-    assert "--checkpoint-dir DIR" in result.stdout
+    assert "--checkpoint-dir=DIR" in result.stdout
 
 
 def test_unknown_golden_variant_is_a_usage_error():
