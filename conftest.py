@@ -146,7 +146,7 @@ def pytest_generate_tests(metafunc):
     if "oracle_case" in metafunc.fixturenames:
         cases = oracle_cases(metafunc.config)
         reason = (
-            f"no oracle cases in {oracle_dir(metafunc.config)}; pass --oracle-dir DIR or set {ORACLE_ENV} to a folder "
+            f"no oracle cases in {oracle_dir(metafunc.config)}; pass --oracle-dir=DIR or set {ORACLE_ENV} to a folder "
             "of cases written by the original TimeSformer code"
         )
         params = cases or [pytest.param(None, marks=pytest.mark.skip(reason=reason))]

@@ -2,13 +2,14 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from timesformer_convert.config import DIVIDED, ModelShape
+from timesformer_convert.config import DIVIDED, SPACE_ONLY, ModelShape
 from timesformer_convert.reference import synthetic_checkpoint
 
 TINY = ModelShape(32, 2, 2, 64, 4, 32, 16, 5, DIVIDED)
@@ -79,6 +80,10 @@ def test_convert_writes_a_loadable_folder(tiny_checkpoint, tmp_path):
     ]
     model = TimesformerForVideoClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_attention_heads == 2 and model.config.num_frames == 4
+    # The folder is readable as any folder the user makes (not tempfile's 0700).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
 
 
 def test_convert_without_labels_warns_how_to_supply_them(tiny_checkpoint, tmp_path):
@@ -86,6 +91,23 @@ def test_convert_without_labels_warns_how_to_supply_them(tiny_checkpoint, tmp_pa
 
     assert result.returncode == 0, result.stderr
     assert "--labels FILE" in result.stderr
+
+
+def test_convert_warns_about_heads_it_had_to_assume_and_refuses_to_guess_frames(tmp_path):
+    checkpoint = tmp_path / "space_only.pyth"
+    torch.save(synthetic_checkpoint(ModelShape(32, 2, 2, 64, None, 32, 16, 5, SPACE_ONLY)), checkpoint)
+
+    no_frames = run_cli("convert", checkpoint, "--out", tmp_path / "no-frames")
+    guessed = run_cli("convert", checkpoint, "--out", tmp_path / "guessed", "--num-frames", "4")
+    given = run_cli(
+        "convert", checkpoint, "--out", tmp_path / "given", "--num-frames", "4", "--num-attention-heads", "2"
+    )
+
+    assert_one_line_error(no_frames, "pass --num-frames N")
+    assert not (tmp_path / "no-frames").exists()
+    assert guessed.returncode == 0 and given.returncode == 0, guessed.stderr + given.stderr
+    assert "hidden size 32 is not a multiple of 64: assumed 1 attention head(s)" in guessed.stderr
+    assert "--num-attention-heads" not in given.stderr
 
 
 def test_convert_with_a_label_file(tiny_checkpoint, tmp_path):
@@ -99,13 +121,20 @@ def test_convert_with_a_label_file(tiny_checkpoint, tmp_path):
     assert config["id2label"]["3"] == "class 3"
 
 
-def test_label_file_of_the_wrong_size_is_refused(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "indices, fragment",
+    [
+        pytest.param([0], "holds 1 labels, but the checkpoint's head has 5 classes", id="too-few"),
+        pytest.param([0, 1, 2, 3, 5], "class indices must run from 0 to 4; missing 4, out of range 5", id="a-gap"),
+    ],
+)
+def test_label_file_that_does_not_fit_the_head_is_refused(tiny_checkpoint, tmp_path, indices, fragment):
     labels = tmp_path / "labels.json"
-    labels.write_text(json.dumps({"0": "a"}))
+    labels.write_text(json.dumps({str(i): f"class {i}" for i in indices}))
 
     result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", "--labels", labels)
 
-    assert_one_line_error(result, str(labels), "5 classes")
+    assert_one_line_error(result, str(labels), fragment)
     assert not (tmp_path / "out").exists()
 
 
@@ -155,10 +184,20 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_selfcheck_prints_a_row_per_variant(tmp_path):
-    result = run_cli("selfcheck", "--variant", "timesformer-base-finetuned-ssv2", "--json", tmp_path / "rows.json")
+def test_selfcheck_prints_a_row_per_variant_and_keeps_its_work_dir(tmp_path):
+    variant = "timesformer-base-finetuned-ssv2"
+    work = tmp_path / "work"
+    result = run_cli("selfcheck", "--variant", variant, "--json", tmp_path / "rows.json", "--work-dir", work)
 
     assert result.returncode == 0, result.stderr
-    assert "timesformer-base-finetuned-ssv2" in result.stdout and "complete" in result.stdout
+    assert variant in result.stdout and "complete" in result.stdout
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert rows[0]["ok"] and rows[0]["tensors"] == 249 and rows[0]["roundtrip"] == "identical"
+    # --work-dir keeps what it built: the synthetic checkpoints and their conversions, to try by hand.
+    assert {path.name for path in work.iterdir()} == {
+        f"{variant}.pyth",
+        variant,
+        f"{variant}-1blocks.pyth",
+        f"{variant}-1blocks",
+    }
+    assert (work / variant / "model.safetensors").is_file()

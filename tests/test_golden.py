@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -229,7 +230,7 @@ def test_real_golden(variant, golden_store, real_inputs, tmp_path, request):
     if not refreshing and not path.exists():
         pytest.skip(
             f"no real golden for {variant} (none was published); record one with "
-            f"`pytest --checkpoint-dir DIR --refresh-golden --golden-variant {variant}`"
+            f"`pytest --checkpoint-dir=DIR --refresh-golden --golden-variant {variant}`"
         )
     record = None if refreshing else load_or_fail(golden_store, "real", variant)
 
@@ -475,7 +476,7 @@ def test_real_goldens_skip_with_how_to_enable_them():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 skipped" in result.stdout
     assert "real checkpoints are not enabled: pass --real" in result.stdout
-    assert "--checkpoint-dir DIR" in result.stdout
+    assert "--checkpoint-dir=DIR" in result.stdout
 
 
 def test_unknown_golden_variant_is_a_usage_error():
@@ -528,6 +529,9 @@ def test_a_record_reads_back_equal_and_diffs_in_few_lines(tmp_path):
     assert refresh.previous_state == "missing" and refresh.largest_change() is None
     assert load_record(path, record.variant, "synthetic") == record
     assert not [p.name for p in path.parent.iterdir() if p.name != path.name], "temporary files left behind"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, "a golden is written like any file, not 0600"
 
     before = path.read_text().splitlines()
     second = write_record(path, replace(record, logits=(record.logits[0] + 0.25, *record.logits[1:])))

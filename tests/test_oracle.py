@@ -104,7 +104,7 @@ def test_space_only_stock_output_is_per_frame(request, tmp_path):
         if _case(path.parent)[0].get("attention_type") == SPACE_ONLY
     ]
     if not folders:
-        pytest.skip(f"no space-only oracle case; pass --oracle-dir DIR or set {ORACLE_ENV}")
+        pytest.skip(f"no space-only oracle case; pass --oracle-dir=DIR or set {ORACLE_ENV}")
     case, clip, expected = _case(folders[0])
     convert_checkpoint(
         folders[0] / "checkpoint.pyth",

@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="blocks in the model used for the forward check (default 1)",
     )
-    selfcheck.add_argument("--work-dir", type=Path, help="keep checkpoints and conversions here (default: temporary)")
+    selfcheck.add_argument(
+        "--work-dir",
+        type=Path,
+        help="keep checkpoints and conversions here, about 1 GB a variant (default: temporary)",
+    )
     selfcheck.add_argument("--json", type=Path, help="also write the table as JSON to this file")
     return parser
 
@@ -165,8 +169,10 @@ def _command_rules(args) -> int:
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
+    name_width = max(len(row["name"]) for row in table)
+    source_width = max(len(row["source"]) for row in table)
     for row in table:
-        print(f"{row['name']:<20} {row['source']:<36} -> {row['target']}")
+        print(f"{row['name']:<{name_width}}  {row['source']:<{source_width}} -> {row['target']}")
     return 0
 
 
@@ -189,6 +195,18 @@ def _resolve_labels(args, variant, num_labels):
         )
         return None
     return read_label_file(path, num_labels)
+
+
+def _warn_about_guesses(args, variant, shape) -> None:
+    """Warn when config.json gets a value the checkpoint's shapes do not hold and the user did not give. (A
+    space-only model's frame count is never guessed: converting one without --num-frames is refused.)"""
+    if variant is None and args.num_attention_heads is None and shape.hidden_size % 64:
+        logger.warning(
+            "hidden size %d is not a multiple of 64: assumed %d attention head(s), which shapes cannot confirm; "
+            "pass --num-attention-heads N",
+            shape.hidden_size,
+            shape.num_attention_heads,
+        )
 
 
 def _checkpoint_source(args, variant) -> tuple[Path, str]:
@@ -267,6 +285,7 @@ def _command_convert(args) -> int:
     tensors, config, shape, counts = convert_state_dict(
         state_dict, variant, args.num_attention_heads, args.num_frames, source=shown
     )
+    _warn_about_guesses(args, variant, shape)
     labels = _resolve_labels(args, variant, shape.num_labels)
     if labels:
         config = transformers_config(shape, variant, labels)
@@ -300,7 +319,7 @@ def _command_selfcheck(args) -> int:
     variants = [get_variant(name) for name in args.variant] if args.variant else list(VARIANTS.values())
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
-        rows = run_selfcheck(variants, args.work_dir, args.forward_blocks)
+        rows = run_selfcheck(variants, args.work_dir, args.forward_blocks, keep=True)
     else:
         with tempfile.TemporaryDirectory(prefix="timesformer-selfcheck-") as work_dir:
             rows = run_selfcheck(variants, Path(work_dir), args.forward_blocks)

@@ -306,6 +306,14 @@ def _replace(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` as ``mkdir`` or ``open`` would give it under the process's umask. ``tempfile`` creates folders
+    0700 and files 0600; what is moved into place from there gets this mode, like any folder or file the user makes."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def leftover_staging(out_dir: Path) -> list[Path]:
     """Folders beside ``out_dir`` left by conversions into it that were killed before they finished."""
     out_dir = Path(out_dir)
@@ -351,6 +359,7 @@ def write_output(
             f"({e.strerror or e}: {e.filename or out_dir.parent}); choose another --out"
         ) from e
     try:
+        staging.chmod(umask_mode(0o777))
         write_safetensors(staging / WEIGHTS_NAME, tensors, metadata={"format": "pt", **metadata})
         config.to_json_file(staging / CONFIG_NAME)
         (staging / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_config(image_size), indent=2) + "\n")

@@ -32,7 +32,7 @@ import torch
 from filelock import FileLock
 
 from .config import ModelShape
-from .convert import CONVERTER_VERSION
+from .convert import CONVERTER_VERSION, umask_mode
 from .inference import forward_with_states
 from .rules import strip_prefixes
 from .variants import ORIGINAL_MEAN, ORIGINAL_STD, Variant, get_variant
@@ -540,6 +540,7 @@ def _write_text_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        os.chmod(handle, umask_mode(0o666))
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()

@@ -55,9 +55,16 @@ def read_label_file(path: str | os.PathLike, num_labels: int | None = None) -> d
         if int(index) in labels:
             raise ConversionError(f"{path}: the label file gives class {int(index)} twice; keep one name per class")
         labels[int(index)] = name
-    if num_labels is not None and sorted(labels) != list(range(num_labels)):
+    if num_labels is not None and len(labels) != num_labels:
         raise ConversionError(
             f"{path}: holds {len(labels)} labels, but the checkpoint's head has {num_labels} classes"
+        )
+    if num_labels is not None and sorted(labels) != list(range(num_labels)):
+        missing = sorted(set(range(num_labels)) - set(labels))
+        extra = sorted(set(labels) - set(range(num_labels)))
+        raise ConversionError(
+            f"{path}: class indices must run from 0 to {num_labels - 1}; missing {_some(missing)}, "
+            f"out of range {_some(extra)}"
         )
     return labels
 
@@ -73,6 +80,12 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
             raise _DuplicateKeyError(key)
         seen[key] = value
     return seen
+
+
+def _some(indices: list[int], shown: int = 5) -> str:
+    """The first ``shown`` indices, and how many more."""
+    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+    return ", ".join(map(str, indices[:shown])) + more
 
 
 def hub_label_file(variant: Variant, download: bool = False) -> Path | None:

@@ -57,8 +57,12 @@ class SelfcheckRow:
         return {**asdict(self), "ok": self.ok}
 
 
-def check_variant(variant: Variant, work_dir: Path, forward_blocks: int = 1) -> SelfcheckRow:
-    """Run the three checks for one variant in ``work_dir``; failures are recorded in the row, not raised."""
+def check_variant(variant: Variant, work_dir: Path, forward_blocks: int = 1, keep: bool = False) -> SelfcheckRow:
+    """Run the three checks for one variant in ``work_dir``; failures are recorded in the row, not raised.
+
+    The checkpoints and conversions are deleted as soon as they are checked (a full-size pair takes about 1 GB),
+    unless ``keep``: then they stay in ``work_dir`` for the user to try.
+    """
     started = time.perf_counter()
     row = SelfcheckRow(variant.name, variant.num_frames, variant.image_size, variant.num_labels)
     full_shape = variant_shape(variant)
@@ -72,8 +76,9 @@ def check_variant(variant: Variant, work_dir: Path, forward_blocks: int = 1) -> 
         tensors = rename_state_dict(read_state_dict(checkpoint))
         row.roundtrip = "identical" if not roundtrip_mismatches(converted, tensors) else "differs"
         del tensors
-        checkpoint.unlink()
-        shutil.rmtree(converted)
+        if not keep:
+            checkpoint.unlink()
+            shutil.rmtree(converted)
 
         small_shape = shallow(full_shape, forward_blocks)
         small_checkpoint = work_dir / f"{variant.name}-{forward_blocks}blocks.pyth"
@@ -84,8 +89,9 @@ def check_variant(variant: Variant, work_dir: Path, forward_blocks: int = 1) -> 
             small_converted, read_state_dict(small_checkpoint), small_shape, native_clip(small_shape)
         )
         row.max_abs_diff = max(comparison.max_abs_diff, comparison.max_hidden_diff)
-        small_checkpoint.unlink()
-        shutil.rmtree(small_converted)
+        if not keep:
+            small_checkpoint.unlink()
+            shutil.rmtree(small_converted)
     except ConversionError as e:
         row.error = str(e).splitlines()[0]
         if row.coverage == "-":
@@ -95,9 +101,11 @@ def check_variant(variant: Variant, work_dir: Path, forward_blocks: int = 1) -> 
     return row
 
 
-def run_selfcheck(variants: list[Variant], work_dir: Path, forward_blocks: int = 1) -> list[SelfcheckRow]:
-    """Check every variant in turn and return one row each."""
-    return [check_variant(variant, work_dir, forward_blocks) for variant in variants]
+def run_selfcheck(
+    variants: list[Variant], work_dir: Path, forward_blocks: int = 1, keep: bool = False
+) -> list[SelfcheckRow]:
+    """Check every variant in turn and return one row each; ``keep`` leaves their files in ``work_dir``."""
+    return [check_variant(variant, work_dir, forward_blocks, keep) for variant in variants]
 
 
 def format_table(rows: list[SelfcheckRow]) -> str:

@@ -39,7 +39,7 @@ REFRESH_PROPERTY = "golden_refresh"
 GOLDEN_PROPERTY = "golden"
 
 ENABLE_REAL_HINT = (
-    f"pass --real to download the released checkpoints, or --checkpoint-dir DIR (or set {CHECKPOINT_DIR_ENV}) to a "
+    f"pass --real to download the released checkpoints, or --checkpoint-dir=DIR (or set {CHECKPOINT_DIR_ENV}) to a "
     "folder holding the original .pyth files"
 )
 
@@ -154,7 +154,7 @@ class RealInputs:
     def checkpoint(self, variant: str) -> Path:
         if self.checkpoint_dir is None:
             pytest.skip(
-                "--real is set, but this tier reads released checkpoints from a folder: pass --checkpoint-dir DIR "
+                "--real is set, but this tier reads released checkpoints from a folder: pass --checkpoint-dir=DIR "
                 f"(or set {CHECKPOINT_DIR_ENV}) to the folder the download wrote"
             )
         path = self.checkpoint_dir / VARIANTS[variant].original_file
@@ -171,7 +171,7 @@ class RealInputs:
             if path is None or not path.is_file():
                 pytest.skip(
                     f"the spaghetti clip is not available offline ({path or 'not in the Hugging Face cache'}): pass "
-                    f"--spaghetti-clip FILE or set {SPAGHETTI_ENV} to {SPAGHETTI_FILE} from the hub dataset "
+                    f"--spaghetti-clip=FILE or set {SPAGHETTI_ENV} to {SPAGHETTI_FILE} from the hub dataset "
                     f"{SPAGHETTI_REPO}"
                 )
             self._video = np.load(path, allow_pickle=False)

@@ -35,7 +35,7 @@ from timesformer_convert.variants import VARIANTS
 VIDEO_ENV = "TIMESFORMER_VIDEO"
 DEFAULT_VIDEO = Path(__file__).resolve().parents[3] / "shared" / "clips" / "bigbuckbunny.mp4"
 ENABLE_HINT = (
-    "enable the real tier with --real (downloads the released checkpoints; needs network) or with --checkpoint-dir "
+    "enable the real tier with --real (downloads the released checkpoints; needs network) or with --checkpoint-dir="
     f"DIR / ${CHECKPOINT_DIR_ENV} (a folder of downloaded checkpoints)"
 )
 
@@ -190,7 +190,7 @@ def real_video(request) -> Path:
     """Path of a real video file (``--video-path`` / ``$TIMESFORMER_VIDEO``); skips when it is absent."""
     path = video_path(request.config)
     if not path.is_file():
-        pytest.skip(f"no video at {path}; pass --video-path FILE or set {VIDEO_ENV} to a real video (mp4)")
+        pytest.skip(f"no video at {path}; pass --video-path=FILE or set {VIDEO_ENV} to a real video (mp4)")
     return path
 
 
