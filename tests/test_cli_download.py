@@ -13,23 +13,12 @@ import threading
 
 import pytest
 
-from tests.loopback import QUOTA_PAGE, LoopbackServer, Route
+from tests.loopback import QUOTA_PAGE, Route
 from tests.test_cli import assert_one_line_error, run_cli
-from tests.test_download import cached_files, checkpoint_bytes, wait_for
+from tests.test_download import cached_files, wait_for
 from timesformer_convert.cache import CACHE_ENV
 from timesformer_convert.checksums import CHECKSUMS_ENV
 from timesformer_convert.variants import VARIANTS
-
-
-@pytest.fixture(scope="module")
-def good_bytes() -> bytes:
-    return checkpoint_bytes()
-
-
-@pytest.fixture
-def server():
-    with LoopbackServer() as running:
-        yield running
 
 
 @pytest.fixture

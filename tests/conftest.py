@@ -1,0 +1,17 @@
+"""Fixtures shared by the download tests: a loopback HTTP server and the bytes of a small served checkpoint."""
+
+import pytest
+
+from tests.loopback import LoopbackServer
+from tests.test_download import checkpoint_bytes
+
+
+@pytest.fixture(scope="module")
+def good_bytes() -> bytes:
+    return checkpoint_bytes()
+
+
+@pytest.fixture
+def server():
+    with LoopbackServer() as running:
+        yield running
