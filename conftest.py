@@ -48,7 +48,7 @@ SYNTHETIC_VERSION = "2"
 FORWARD_BLOCKS = 1
 VARIANT_NAMES = list(VARIANTS)
 
-pytest_plugins = ["tests.plugins.real", "tests.plugins.golden", "tests.plugins.summary"]
+pytest_plugins = ["tests.plugins.real", "tests.plugins.golden", "tests.plugins.summary", "tests.plugins.grouping"]
 
 
 def pytest_addoption(parser):
@@ -110,23 +110,11 @@ def pytest_configure(config):
         os.environ[RUN_STARTED_ENV] = str(time.time())
         _prune_suite_folders()
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    config.addinivalue_line("markers", "xdist_group(name): keep tests of one variant on one worker")
 
 
 def pytest_unconfigure(config):
     socket.socket.connect = _real_connect
     socket.getaddrinfo = _real_getaddrinfo
-
-
-# --- grouping: tests of one variant run on the worker that already holds it ----------------------------------------
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        variant = callspec.params.get("variant") if callspec else None
-        if isinstance(variant, str):
-            item.add_marker(pytest.mark.xdist_group(name=variant))
 
 
 # --- oracle ---------------------------------------------------------------------------------------------------------

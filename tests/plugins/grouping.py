@@ -1,0 +1,48 @@
+"""Under ``pytest -n``, every test of one variant runs on one worker.
+
+The worker that first needs a variant converts it and keeps the converted model's outputs in memory; the variant's
+other tests should find them there instead of recomputing a forward pass elsewhere. A test belongs to a variant when
+its id's parameters name one (``test_x[timesformer-hr-finetuned-k600]``, ``test_y[timesformer-hr-finetuned-k600-real]``
+); tests of no variant are spread one by one.
+
+xdist's ``--dist loadgroup`` carries groups by appending ``@group`` to node ids, which pytest 9.2 no longer
+honours: the tests then spread silently. This scheduler reads the variant from the id itself, so nothing depends on
+that. It replaces xdist's under ``--dist loadgroup`` (the suite's default in pytest.ini).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from xdist.scheduler import LoadScopeScheduling
+
+from timesformer_convert.variants import VARIANTS
+
+# Longest names first, so that no name is matched by a shorter one it contains; an "@group" suffix that older pytest
+# versions let xdist append is allowed after the parameters.
+_VARIANT_IN_PARAMS = re.compile(
+    r"\[(?:.*?[-_])?("
+    + "|".join(map(re.escape, sorted(VARIANTS, key=len, reverse=True)))
+    + r")(?:[-_].*)?\](?:@[^\]]*)?$"
+)
+
+
+def variant_group(nodeid: str) -> str | None:
+    """The variant named by the parameters of ``nodeid``, or None."""
+    found = _VARIANT_IN_PARAMS.search(nodeid)
+    return found.group(1) if found else None
+
+
+class VariantScheduling(LoadScopeScheduling):
+    """xdist's scope scheduling with one scope per variant; every other test is a scope of its own."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return variant_group(nodeid) or nodeid
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own choice for the --dist value
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadgroup":
+        return VariantScheduling(config, log)
+    return None
