@@ -14,7 +14,8 @@ import threading
 import pytest
 
 from tests.loopback import QUOTA_PAGE, Route
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.running import run_cli
+from tests.test_cli import assert_one_line_error
 from tests.test_download import cached_files, wait_for
 from timesformer_convert.cache import CACHE_ENV
 from timesformer_convert.checksums import CHECKSUMS_ENV
@@ -23,7 +24,7 @@ from timesformer_convert.variants import VARIANTS
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A private cache and checksums lock file for the CLI subprocesses (run_cli passes the environment on)."""
+    """A private cache and checksums lock file for the command line, in this process and in the ones it starts."""
     folder = tmp_path / "cache"
     monkeypatch.setenv(CACHE_ENV, str(folder))
     monkeypatch.setenv(CHECKSUMS_ENV, str(tmp_path / "checksums.json"))

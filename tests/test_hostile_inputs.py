@@ -1,7 +1,8 @@
 """Hostile and broken checkpoints: each is refused with one line naming the file and what is wrong, runs nothing,
 and leaves no output behind; or, where the input is only unusual, it converts to exactly the expected tensors.
 
-Every input is built here, small. The command line is checked from a subprocess, as a user runs it.
+Every input is built here, small. The command line runs in this process (tests/running.py); one refusal runs in a
+fresh process too, where nothing but the converter could print.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import io
 import os
 import pickle
 import random
-import subprocess
 import sys
 import warnings
 import zipfile
@@ -23,6 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.running import run_cli, run_cli_process
 from timesformer_convert import checkpoint as checkpoint_module
 from timesformer_convert import convert as convert_module
 from timesformer_convert.checkpoint import load_checkpoint, read_state_dict
@@ -40,15 +41,6 @@ TINY = ModelShape(32, 2, 2, 64, 4, 32, 16, 5, DIVIDED)
 HR_WITH_8_FRAMES = ModelShape(768, 12, 12, 3072, 8, 448, 16, 400, DIVIDED)
 BASE_WITH_600_CLASSES = ModelShape(768, 12, 12, 3072, 8, 224, 16, 600, DIVIDED)
 BASE_WITHOUT_TEMPORAL_BLOCKS = ModelShape(768, 12, 12, 3072, 8, 224, 16, 400, JOINT)
-
-
-def run_cli(*args, code: str | None = None, cwd=None):
-    """Run the command line in a fresh interpreter; ``code`` replaces the plain entry point (to inject a fault)."""
-    code = code or "import sys\nfrom timesformer_convert.cli import main\nsys.exit(main())"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
 
 
 def assert_refused(result, *fragments):
@@ -332,10 +324,9 @@ def test_unreadable_file_is_one_line(tmp_path):
 
 
 def _deny_reading(path: Path):
-    """Code for a subprocess (or a monkeypatch) that makes opening ``path`` fail the way mode 000 does."""
+    """Code for a fresh process that makes opening ``path`` fail the way mode 000 does."""
     return (
-        "import pathlib, builtins, sys\n"
-        "from timesformer_convert.cli import main\n"
+        "import pathlib\n"
         f"denied = {str(path)!r}\n"
         "real = pathlib.Path.open\n"
         "def open_(self, *args, **kwargs):\n"
@@ -343,7 +334,6 @@ def _deny_reading(path: Path):
         "        raise PermissionError(13, 'Permission denied', denied)\n"
         "    return real(self, *args, **kwargs)\n"
         "pathlib.Path.open = open_\n"
-        "sys.exit(main())\n"
     )
 
 
@@ -351,7 +341,7 @@ def test_unreadable_file_is_one_line_even_as_root(tmp_path):
     # Simulated: opening the file raises PermissionError, as it does for a non-root user on a mode-000 file.
     path = _good_checkpoint(tmp_path / "checkpoint.pyth")
 
-    result = run_cli("convert", path, "--out", tmp_path / "out", code=_deny_reading(path))
+    result = run_cli_process("convert", path, "--out", tmp_path / "out", code=_deny_reading(path))
 
     assert_refused(result, str(path), "permission denied", "chmod u+r")
     assert_nothing_written(tmp_path / "out")

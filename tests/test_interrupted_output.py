@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.running import run_cli, run_cli_process
 from timesformer_convert import convert as convert_module
 from timesformer_convert.config import DIVIDED, ModelShape
 from timesformer_convert.convert import OUTPUT_FILES, WEIGHTS_NAME, convert_checkpoint
@@ -24,15 +23,6 @@ from timesformer_convert.errors import ConversionError
 from timesformer_convert.reference import synthetic_checkpoint
 
 TINY = ModelShape(32, 2, 2, 64, 4, 32, 16, 5, DIVIDED)
-
-
-def run_cli(*args, code: str = "", cwd=None):
-    """Run the command line in a fresh interpreter, after ``code`` (which may install a fault)."""
-    program = f"import sys\nfrom timesformer_convert.cli import main\n{code}\nsys.exit(main())\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", program, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -262,7 +252,9 @@ def test_killed_before_the_move_the_earlier_output_stays_and_the_leftover_is_nev
 ):
     before = snapshot(earlier_output)
 
-    killed = run_cli("convert", checkpoints["new"], "--out", earlier_output, "--overwrite", code=KILLED_AT[step])
+    killed = run_cli_process(
+        "convert", checkpoints["new"], "--out", earlier_output, "--overwrite", code=KILLED_AT[step]
+    )
 
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert snapshot(earlier_output) == before
@@ -284,7 +276,7 @@ def test_killed_before_the_move_the_earlier_output_stays_and_the_leftover_is_nev
 
 
 def test_killed_while_deleting_the_old_output_the_new_one_is_complete(earlier_output, checkpoints):
-    killed = run_cli(
+    killed = run_cli_process(
         "convert",
         checkpoints["new"],
         "--out",
@@ -301,7 +293,7 @@ def test_killed_while_deleting_the_old_output_the_new_one_is_complete(earlier_ou
 def test_killed_first_conversion_leaves_no_output_and_does_not_block_the_next(tmp_path, checkpoints):
     out = tmp_path / "out"
 
-    killed = run_cli("convert", checkpoints["new"], "--out", out, code=KILLED_AT["writing-weights"])
+    killed = run_cli_process("convert", checkpoints["new"], "--out", out, code=KILLED_AT["writing-weights"])
 
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tests.loopback import LoopbackServer, Route
-from tests.test_cli import TINY, assert_one_line_error, run_cli
+from tests.running import run_cli
+from tests.test_cli import TINY, assert_one_line_error
 from timesformer_convert.cache import CACHE_ENV, cache_dir, clean
 from timesformer_convert.config import SPACE_ONLY, ModelShape
 from timesformer_convert.convert import convert_state_dict

@@ -7,12 +7,14 @@ and no output folder is left behind. ``--debug`` shows the traceback as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from .errors import CheckpointError, ConversionError
@@ -343,39 +345,65 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
-    if not args.debug:
-        import warnings
-
-        warnings.filterwarnings("ignore")
+@contextlib.contextmanager
+def _console(debug: bool, verbose: bool):
+    """The command's messages go to the current stderr as ``LEVEL: message``; library warnings are hidden unless
+    ``debug``. Everything is put back afterwards, so ``main`` can also be called from Python."""
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    transformers_logging = None
+    if not debug:
         try:
             from transformers.utils import logging as transformers_logging
-
-            transformers_logging.set_verbosity_error()
-            transformers_logging.disable_progress_bar()
         except ImportError:
             pass
+    if transformers_logging is not None:
+        saved_verbosity = transformers_logging.get_verbosity()
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
     try:
-        return COMMANDS[args.command](args)
-    except (ConversionError, FileExistsError, OSError) as error:
-        if args.debug:
-            logger.exception("failed")
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
-    except Exception as error:  # an input the checks above did not foresee: still one line
-        if args.debug:
-            logger.exception("failed")
-        print(
-            f"error: unexpected {type(error).__name__}: {_one_line(error)}; rerun with --debug for the traceback",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        if transformers_logging is not None:
+            transformers_logging.set_verbosity(saved_verbosity)
+            if bars:
+                transformers_logging.enable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
+    args = build_parser().parse_args(argv)
+    with _console(args.debug, args.verbose):
+        try:
+            return COMMANDS[args.command](args)
+        except (ConversionError, FileExistsError, OSError) as error:
+            if args.debug:
+                logger.exception("failed")
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            print("error: interrupted; no output was written", file=sys.stderr)
+            return 130
+        except Exception as error:  # an input the checks above did not foresee: still one line
+            if args.debug:
+                logger.exception("failed")
+            print(
+                f"error: unexpected {type(error).__name__}: {_one_line(error)}; rerun with --debug for the traceback",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
 
 
 if __name__ == "__main__":
