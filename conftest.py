@@ -87,7 +87,7 @@ def _guarded_getaddrinfo(host, *args, **kwargs):
     return _real_getaddrinfo(host, *args, **kwargs)
 
 
-def _check_oracle_dir(config) -> None:
+def check_oracle_dir(config) -> None:
     """A folder named on the command line must exist: a mistyped one must not turn the ground-truth tests into
     skips."""
     configured = config.getoption("--oracle-dir")
@@ -97,7 +97,7 @@ def _check_oracle_dir(config) -> None:
 
 
 def pytest_configure(config):
-    _check_oracle_dir(config)
+    check_oracle_dir(config)
     # --real (tests/plugins/real.py) is the one explicit request to download the released files from the internet.
     if not config.getoption("--real"):
         socket.socket.connect = _guarded_connect
@@ -153,13 +153,17 @@ def _suite_key() -> str:
     """Versions that shape the cached artifacts, plus a digest of the package's own sources: a changed rule or writer
     must never be tested against conversions an older version made, even if nobody bumped CONVERTER_VERSION."""
     import transformers
+    from transformers.models.timesformer import modeling_timesformer
 
     import timesformer_convert
 
     digest = hashlib.sha256(
         f"{SYNTHETIC_VERSION}|{CONVERTER_VERSION}|{torch.__version__}|{transformers.__version__}".encode()
     )
-    for source in sorted(Path(timesformer_convert.__file__).parent.glob("*.py")):
+    sources = sorted(Path(timesformer_convert.__file__).parent.glob("*.py"))
+    # transformers' TimeSformer code too, which an editable transformers install can change under the same version.
+    sources += sorted(Path(modeling_timesformer.__file__).parent.glob("*.py"))
+    for source in sources:
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -209,7 +213,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     kinds = Counter(kind for kind, _ in counts)
     terminalreporter.write_sep("-", "synthetic artifacts")
     terminalreporter.write_line(
-        f"built this run: {kinds['checkpoint']} checkpoints, {kinds['conversion']} conversions "
+        f"built this run: {kinds['checkpoint']} checkpoints, {kinds['conversion']} conversions, "
+        f"{kinds['reference'] + kinds['outputs']} forward passes "
         f"({'each once' if not twice else 'REPEATED: ' + ', '.join(twice)}); cache: {folder}"
     )
 
@@ -285,11 +290,18 @@ class Artifacts:
         )
 
     def converted_outputs(self, variant: str) -> ForwardOutputs:
-        """The converted model's logits and hidden states on the variant's native clip, computed once per worker
-        (tests of one variant share a worker) and never cached on disk: this is what the tests check."""
+        """The converted model's logits and hidden states on the variant's native clip, computed once per cache key
+        and kept on disk like the reference's: what they depend on (the conversion, the clip, torch and transformers'
+        TimeSformer code) is all in the key, so a changed converter or library is always run afresh."""
         if variant not in self._converted_outputs:
             folder = self.converted(variant, FORWARD_BLOCKS)
-            self._converted_outputs[variant] = converted_outputs(folder, native_clip(self.forward_shape(variant)))
+            clip_shape = self.forward_shape(variant)
+
+            def build(staging: Path) -> None:
+                converted_outputs(folder, native_clip(clip_shape)).save(staging)
+
+            path = self._once("outputs", folder.name, self.folder / f"{folder.name}-outputs.st", build)
+            self._converted_outputs[variant] = ForwardOutputs.load(path)
         return self._converted_outputs[variant]
 
 

@@ -24,7 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FORWARD_BLOCKS, SYNTHETIC_VERSION, VARIANT_NAMES
+from tests.plugins import golden as golden_plugin
 from tests.plugins.golden import GoldenStore, set_golden_status
+from tests.running import run_pytest
 from timesformer_convert.checkpoint import read_state_dict
 from timesformer_convert.config import ModelShape
 from timesformer_convert.convert import WEIGHTS_NAME, convert_checkpoint
@@ -59,6 +61,8 @@ from timesformer_convert.verify import native_clip, shallow, variant_seed, varia
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "timesformer-base-finetuned-k400"
+# Goldens that default_run (tests/conftest.py) moves by 1e-3: variant -> (value, where the gate should locate it).
+PERTURBED_GOLDENS = {BASE: ("logits[2]", HEAD), "timesformer-base-finetuned-ssv2": ("block 0 mean", "block 0")}
 SYNTHETIC_NOTE = (
     "outputs of the converted synthetic checkpoint (full width, first blocks) on verify.native_clip at the variant's "
     "native input; they move when the converter, torch, transformers or the synthetic weights change"
@@ -384,20 +388,6 @@ def test_perturbed_weight_is_caught_and_localized(variant, synthetic_runs, golde
 # --- pytest as a user runs it ---------------------------------------------------------------------------------------
 
 
-def run_pytest(*args, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
-    """Run pytest on this repository in a subprocess (no CI variable unless given, no cache provider)."""
-    environment = {key: value for key, value in os.environ.items() if not key.startswith(("PYTEST_", "CI"))}
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", *map(str, args)],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def copy_golden(store: GoldenStore, kind: str, variant: str, folder: Path) -> tuple[dict, Path]:
     source = store.path(kind, variant)
     target = golden_path(folder, kind, variant)
@@ -406,24 +396,44 @@ def copy_golden(store: GoldenStore, kind: str, variant: str, folder: Path) -> tu
     return json.loads(source.read_text()), target
 
 
+def failure_section(output: str, test: str) -> str:
+    """What pytest printed for the failure of ``test``: from its ``___ test ___`` header to the next header."""
+    lines = output.splitlines()
+    starts = [index for index, line in enumerate(lines) if line.startswith("_") and f" {test} " in line]
+    assert starts, f"no failure section for {test} in:\n{output}"
+    section = []
+    for line in lines[starts[0] + 1 :]:
+        if line.startswith(("___", "===")):
+            break
+        section.append(line)
+    return "\n".join(section)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("variant", "value", "divergent"),
-    [(BASE, "logits[2]", HEAD), ("timesformer-base-finetuned-ssv2", "block 0 mean", "block 0")],
-    ids=[f"{BASE}-logit", "timesformer-base-finetuned-ssv2-block-0"],
+    [(variant, *moved) for variant, moved in PERTURBED_GOLDENS.items()],
+    ids=[f"{variant}-{value.split(' ')[0].split('[')[0]}" for variant, (value, _) in PERTURBED_GOLDENS.items()],
 )
-def test_golden_perturbed_by_1e3_fails_the_run(variant, value, divergent, golden_store, tmp_path):
-    data, target = copy_golden(golden_store, "synthetic", variant, tmp_path)
-    target.write_text(json.dumps(perturb(data, value, 1e-3), indent=2))
+def test_golden_perturbed_by_1e3_fails_the_run(variant, value, divergent, default_run):
+    # default_run's golden folder holds this variant's golden with ``value`` moved by 1e-3.
+    result = default_run.result
+    section = failure_section(result.stdout, f"test_synthetic_golden[{variant}]")
+    target = golden_path(default_run.goldens, "synthetic", variant)
 
-    result = run_pytest(f"tests/test_golden.py::test_synthetic_golden[{variant}]", "--golden-dir", tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{variant}: the converted model's outputs differ from the synthetic golden {target}" in section
+    assert f"first divergent block against the golden's hidden states: {divergent}" in section
+    assert "first divergent block against the reference implementation: none" in section
+    assert f"--refresh-golden --golden-variant {variant}" in section
+    assert f"{len(PERTURBED_GOLDENS)} failed" in result.stdout.splitlines()[-1]
 
-    output = result.stdout
-    assert result.returncode == 1, output + result.stderr
-    assert f"{variant}: the converted model's outputs differ from the synthetic golden {target}" in output
-    assert f"first divergent block against the golden's hidden states: {divergent}" in output
-    assert "first divergent block against the reference implementation: none" in output
-    assert f"--refresh-golden --golden-variant {variant}" in output
+
+def test_real_goldens_skip_with_how_to_enable_them(default_run):
+    skips = [line for line in default_run.result.stdout.splitlines() if line.startswith("SKIPPED [")]
+
+    (line,) = [line for line in skips if "real checkpoints are not enabled" in line]
+    assert line.startswith("SKIPPED [1] ") and "pass --real" in line and "--checkpoint-dir=DIR" in line, line
 
 
 def status_line(output: str, test: str, status: str) -> bool:
@@ -431,15 +441,39 @@ def status_line(output: str, test: str, status: str) -> bool:
     return any(test in line and f" {status}" in line for line in output.splitlines())
 
 
+def worker_of(output: str, test: str) -> str:
+    """The xdist worker (``gw0``...) that a verbose run reports ``test`` on."""
+    workers = {
+        line.split("]")[0].lstrip("[") for line in output.splitlines() if line.startswith("[gw") and test in line
+    }
+    assert len(workers) == 1, f"{test} is reported on {sorted(workers)}"
+    return workers.pop()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [BASE])
-def test_refresh_restores_a_deleted_golden_and_the_next_run_passes(variant, golden_store, tmp_path):
+def test_refresh_restores_a_deleted_golden_and_the_next_run_passes(variant, golden_store, synthetic_runs, tmp_path):
     other = "timesformer-base-finetuned-ssv2"
     copy_golden(golden_store, "synthetic", other, tmp_path)
-    selection = ["-k", f"test_synthetic_golden and ({variant} or {other})", "--golden-dir", tmp_path]
+    # Under two workers. A second test of ``other`` shows that one variant's tests share a worker: spread one by one,
+    # the three tests would put it on both.
+    selection = [
+        "-k",
+        f"test_synthetic_golden and ({variant} or {other}) or test_config_has_the_native_shape and {other}",
+    ]
 
     refresh = run_pytest(
-        "tests/test_golden.py", *selection, "--refresh-golden", "--golden-variant", variant, "-n", "2", "-v"
+        "tests/test_golden.py",
+        "tests/test_variants.py",
+        *selection,
+        "--golden-dir",
+        tmp_path,
+        "--refresh-golden",
+        "--golden-variant",
+        variant,
+        "-n",
+        "2",
+        "-v",
     )
 
     output = refresh.stdout
@@ -452,38 +486,48 @@ def test_refresh_restores_a_deleted_golden_and_the_next_run_passes(variant, gold
     summary = output[output.index("per-variant summary") :].splitlines()
     assert any(line.startswith(variant) and "refreshed" in line for line in summary), summary
     assert any(line.startswith(other) and " ok (" in line for line in summary), summary
-    restored = load_record(golden_path(tmp_path, "synthetic", variant), variant, "synthetic")
+    workers = {
+        worker_of(output, f"{test}[{other}]") for test in ("test_synthetic_golden", "test_config_has_the_native_shape")
+    }
+    assert len(workers) == 1, f"the tests of {other} ran on {sorted(workers)}"
+    path = golden_path(tmp_path, "synthetic", variant)
+    restored = load_record(path, variant, "synthetic")
     committed = golden_store.load("synthetic", variant)
     assert all(abs(a - b) <= DEFAULT_TOLERANCE for a, b in zip(restored.logits, committed.logits, strict=True))
-
-    again = run_pytest("tests/test_golden.py", *selection)
-
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "2 passed" in again.stdout
+    # The next run's gate: the restored golden passes on the same outputs.
+    run = synthetic_runs(variant)
+    assert gate(restored, path, run.observation, synthetic_protocol(VARIANTS[variant]), run.locate).ok
 
 
-def test_refresh_refuses_to_run_under_ci():
-    refused = run_pytest("--refresh-golden", "--collect-only", "-q", env={"CI": "true"})
+class Options:
+    """Stands in for pytest's config in the option checks that run when pytest starts."""
 
-    assert refused.returncode == pytest.ExitCode.USAGE_ERROR
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("ERROR:")]
-    assert len(errors) == 1 and "--refresh-golden refuses to run while CI is set" in errors[0], refused.stderr
+    def __init__(self, **options):
+        self.options = {f"--{name.replace('_', '-')}": value for name, value in options.items()}
 
-
-def test_real_goldens_skip_with_how_to_enable_them():
-    result = run_pytest("tests/test_golden.py", "-k", f"test_real_golden and {BASE}")
-
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 skipped" in result.stdout
-    assert "real checkpoints are not enabled: pass --real" in result.stdout
-    assert "--checkpoint-dir=DIR" in result.stdout
+    def getoption(self, name):
+        return self.options[name]
 
 
-def test_unknown_golden_variant_is_a_usage_error():
-    result = run_pytest("--refresh-golden", "--golden-variant", "timesformer-tiny", "--collect-only", "-q")
+def test_refresh_refuses_to_run_under_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
 
-    assert result.returncode == pytest.ExitCode.USAGE_ERROR
-    assert "--golden-variant 'timesformer-tiny' is not a variant" in result.stderr
+    with pytest.raises(pytest.UsageError, match="--refresh-golden refuses to run while CI is set"):
+        golden_plugin.pytest_configure(Options(refresh_golden=True, golden_variant=[]))
+
+
+def test_unknown_golden_variant_is_a_usage_error(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+
+    with pytest.raises(pytest.UsageError, match="--golden-variant 'timesformer-tiny' is not a variant"):
+        golden_plugin.pytest_configure(Options(refresh_golden=True, golden_variant=["timesformer-tiny"]))
+
+
+def test_golden_variant_without_refresh_is_a_usage_error(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+
+    with pytest.raises(pytest.UsageError, match="--golden-variant only narrows --refresh-golden"):
+        golden_plugin.pytest_configure(Options(refresh_golden=False, golden_variant=[BASE]))
 
 
 # --- the real tier, offline, on a synthetic full-size checkpoint and a made-up clip ----------------------------------

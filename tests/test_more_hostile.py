@@ -4,14 +4,16 @@ Each refusal is one ``error:`` line naming the file or argument, a non-zero exit
 """
 
 import json
-import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import check_oracle_dir
 from tests.loopback import LoopbackServer, Route
 from tests.running import run_cli
 from tests.test_cli import TINY, assert_one_line_error
+from tests.test_golden import Options
 from timesformer_convert.cache import CACHE_ENV, cache_dir, clean
 from timesformer_convert.config import SPACE_ONLY, ModelShape
 from timesformer_convert.convert import convert_state_dict
@@ -242,21 +244,13 @@ def test_first_divergent_block_finds_a_nan():
     assert first_divergent_block(ours, theirs, 1e-4) == 0
 
 
-def test_oracle_dir_that_is_not_a_folder_is_a_usage_error(tmp_path):
-    import subprocess
-    import sys
+@pytest.mark.parametrize(("make", "what"), [(lambda path: None, "does not exist"), (Path.touch, "is not a folder")])
+def test_oracle_dir_that_is_not_a_folder_is_a_usage_error(tmp_path, make, what):
+    path = tmp_path / "oracle"
+    make(path)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_rules.py"]
-        + ["--oracle-dir", str(tmp_path / "x")],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.dirname(__file__)),
-        timeout=300,
-    )
-
-    assert result.returncode != 0
-    assert "--oracle-dir" in result.stderr and "does not exist" in result.stderr, result.stderr
+    with pytest.raises(pytest.UsageError, match=f"--oracle-dir {path}: {what}; give the folder of oracle cases"):
+        check_oracle_dir(Options(oracle_dir=str(path)))
 
 
 def test_label_file_that_is_fine_still_reads(tmp_path):

@@ -1,48 +1,38 @@
 """The real tier's switches, from a pytest subprocess as a user or a CI job runs it.
 
-Off by default with a skip that says how to enable it; ``--require-real`` makes that a failure; ``--checkpoint-dir``
-runs it through ``fetch_variant`` on the files there. The end-to-end run uses a folder holding a full-size synthetic
-checkpoint under the released file name, and a hub cache holding a stand-in spaghetti clip: the real tier's own
-tests then pass on it, which they could not if the wiring between options, fetching, conversion and clip were broken.
+Off by default with a skip that says how to enable it (read from the plain run that tests/conftest.py shares);
+``--require-real`` makes that a failure; ``--checkpoint-dir`` runs it through ``fetch_variant`` on the files there. The
+end-to-end run uses a folder holding a full-size synthetic checkpoint under the released file name, and a hub cache
+holding a stand-in spaghetti clip: the real tier's own tests then pass on it, which they could not if the wiring
+between options, fetching, conversion and clip were broken.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.running import run_pytest
 from tests.test_hub import npy_bytes, populate_hub_cache
 from timesformer_convert.cache import CACHE_ENV
 from timesformer_convert.hub import SPAGHETTI_FILE, SPAGHETTI_REPO
 from timesformer_convert.variants import LABEL_REPO, VARIANTS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SSV2 = VARIANTS["timesformer-base-finetuned-ssv2"]
 
 
-def run_real_tier(tmp_path, *options, hf_home=None):
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TIMESFORMER_CHECKPOINT"))}
-    env.update({CACHE_ENV: str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home or tmp_path / "hf")})
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_real.py", "-p", "no:cacheprovider", "-q", "-rfEs", *options],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+def run_real_tier(tmp_path, *options):
+    """The real tier's tests with ``options``, with a cache and a hub folder of their own."""
+    env = {CACHE_ENV: str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    return run_pytest("tests/test_real.py", "-q", "-rfEs", *options, env=env, drop=("HF_",))
 
 
-def test_the_real_tier_is_off_by_default_and_says_how_to_enable_it(tmp_path):
-    result = run_real_tier(tmp_path, "-k", "declared_variants_shape")
+def test_the_real_tier_is_off_by_default_and_says_how_to_enable_it(default_run):
+    skips = [line for line in default_run.result.stdout.splitlines() if line.startswith("SKIPPED [")]
 
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "9 skipped" in result.stdout
-    assert "enable the real tier with --real" in result.stdout and "--checkpoint-dir" in result.stdout
+    (line,) = [line for line in skips if "real tier is off" in line]
+    assert line.startswith(f"SKIPPED [{len(VARIANTS)}] "), line
+    assert "enable the real tier with --real" in line and "--checkpoint-dir" in line, line
 
 
 def test_require_real_turns_the_skips_into_failures(tmp_path):
