@@ -12,9 +12,12 @@ import json
 import numpy as np
 import pytest
 
+from tests.plugins.real import RealTier
 from tests.running import run_pytest
+from tests.test_golden import Options, failure_section
 from tests.test_hub import npy_bytes, populate_hub_cache
 from timesformer_convert.cache import CACHE_ENV
+from timesformer_convert.download import CHECKPOINT_DIR_ENV
 from timesformer_convert.hub import SPAGHETTI_FILE, SPAGHETTI_REPO
 from timesformer_convert.variants import LABEL_REPO, VARIANTS
 
@@ -35,12 +38,17 @@ def test_the_real_tier_is_off_by_default_and_says_how_to_enable_it(default_run):
     assert "enable the real tier with --real" in line and "--checkpoint-dir" in line, line
 
 
-def test_require_real_turns_the_skips_into_failures(tmp_path):
-    result = run_real_tier(tmp_path, "--require-real", "-k", "declared_variants_shape and base-finetuned-ssv2")
+@pytest.mark.parametrize(("required", "outcome"), [(False, pytest.skip.Exception), (True, pytest.fail.Exception)])
+def test_require_real_turns_the_skips_into_failures(required, outcome, monkeypatch):
+    monkeypatch.delenv(CHECKPOINT_DIR_ENV, raising=False)
+    options = {"real": False, "checkpoint_dir": None, "require_real": required, "hub_parity": False}
+    tier = RealTier(Options(**options, record_checksums=False, checksums=None))
 
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "--require-real: real tier is off" in result.stdout
-    assert "skipped" not in result.stdout
+    with pytest.raises(outcome) as stopped:
+        tier.checkpoint(SSV2.name)
+
+    assert not tier.enabled
+    assert str(stopped.value).startswith("--require-real: real tier is off" if required else "real tier is off")
 
 
 def test_a_checkpoint_folder_without_the_file_is_reported_by_the_fetch(tmp_path):
@@ -57,8 +65,12 @@ def test_a_checkpoint_folder_without_the_file_is_reported_by_the_fetch(tmp_path)
     )
 
     assert result.returncode == 1, result.stdout + result.stderr
-    assert f"{SSV2.original_file} is neither in {empty} nor in the cache" in result.stdout
+    section = failure_section(result.stdout, f"test_the_checkpoint_has_the_declared_variants_shape[{SSV2.name}]")
+    expected = f"--require-real: {SSV2.name}: {SSV2.original_file} is neither in {empty} nor in the cache"
+    assert section.strip().startswith(expected), section
+    assert "During handling" not in section, "the error is printed twice"
     assert "pass --real to download it" in result.stdout
+    assert "skipped" not in result.stdout
 
 
 @pytest.mark.slow

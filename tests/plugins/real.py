@@ -92,6 +92,7 @@ class RealTier:
         __tracebackhide__ = True
         if not self.enabled:
             self.unavailable(f"real tier is off: {name} needs the released checkpoint; {ENABLE_HINT}")
+        wrong = missing = None
         try:
             return fetch_variant(
                 VARIANTS[name],
@@ -101,9 +102,13 @@ class RealTier:
                 record=self.record,
             )
         except IntegrityError as e:
-            pytest.fail(str(e), pytrace=False)  # a file that differs from its pin is wrong, not missing
+            wrong = str(e)  # a file that differs from its pin is wrong, not missing
         except DownloadError as e:
-            self.unavailable(str(e) if self.download else f"{e}; pass --real to download it (needs network)")
+            missing = str(e) if self.download else f"{e}; pass --real to download it (needs network)"
+        # Outside the except blocks, so that pytest does not print the error twice, chained.
+        if wrong is not None:
+            pytest.fail(wrong, pytrace=False)
+        self.unavailable(missing)
 
     def labels(self, name: str) -> dict[int, str]:
         """The label map of variant ``name`` from the hub dataset of label files (hub cache, or downloaded)."""
@@ -169,7 +174,8 @@ def spaghetti_frames(real_tier):
     try:
         return read_clip_array(spaghetti_clip_file(download=real_tier.download))
     except (DownloadError, ClipError) as e:
-        real_tier.unavailable(str(e))
+        missing = str(e)
+    real_tier.unavailable(missing)  # outside the except block, so that pytest does not print the error twice
 
 
 @pytest.fixture(scope="session")
