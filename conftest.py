@@ -9,7 +9,10 @@ the run, so "converted exactly once" can be counted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -149,20 +152,20 @@ def oracle_case_dir(request, oracle_case) -> Path:
 # --- cached synthetic checkpoints and conversions ------------------------------------------------------------------
 
 
+@functools.cache
 def _suite_key() -> str:
     """Versions that shape the cached artifacts, plus a digest of the package's own sources: a changed rule or writer
-    must never be tested against conversions an older version made, even if nobody bumped CONVERTER_VERSION."""
-    import transformers
-    from transformers.models.timesformer import modeling_timesformer
-
+    must never be tested against conversions an older version made, even if nobody bumped CONVERTER_VERSION.
+    transformers is located, not imported: a run that needs no model should not pay for loading it."""
     import timesformer_convert
 
+    transformers_root = Path(importlib.util.find_spec("transformers").origin).parent
     digest = hashlib.sha256(
-        f"{SYNTHETIC_VERSION}|{CONVERTER_VERSION}|{torch.__version__}|{transformers.__version__}".encode()
+        f"{SYNTHETIC_VERSION}|{CONVERTER_VERSION}|{torch.__version__}|{importlib.metadata.version('transformers')}".encode()
     )
     sources = sorted(Path(timesformer_convert.__file__).parent.glob("*.py"))
     # transformers' TimeSformer code too, which an editable transformers install can change under the same version.
-    sources += sorted(Path(modeling_timesformer.__file__).parent.glob("*.py"))
+    sources += sorted((transformers_root / "models" / "timesformer").glob("*.py"))
     for source in sources:
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:12]
