@@ -2,19 +2,28 @@
 
 ``run_cli`` calls :func:`timesformer_convert.cli.main` in this process, with stdout and stderr captured and the exit
 status returned as a subprocess reports it; torch and transformers are imported once, so a run costs what the
-command does. ``run_cli_process`` starts a fresh interpreter, for what only a process shows: a fault that kills it,
-the installed entry point, and anything a library prints on its own. ``run_pytest`` runs this suite as a user or a CI
-job does, and ``once_per_run`` lets the tests of every xdist worker share one such run.
+command does. ``run_cli_process`` runs it in a process of its own, for what only a process shows: a fault that kills
+it, a run beside another. ``run_pytest`` runs this suite as a user or a CI job does, and ``once_per_run`` lets the
+tests of every xdist worker share one such run.
+
+Those processes are forked from a fork server that has imported torch, transformers' TimeSformer and pytest once: a
+child starts in milliseconds rather than the seconds a new interpreter spends on imports, and has none of this
+process's threads or state. What the server's imports read from the environment (huggingface_hub reads ``HF_*``) is
+fixed when it starts, so a run that changes those variables gets a new interpreter instead. So does
+``run_cli_interpreter``, for what only a new interpreter shows: what a library prints while it is imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,31 +59,113 @@ def run_cli(*args, cwd: Path | str | None = None) -> Completed:
     return Completed(argv, status, stdout.getvalue(), stderr.getvalue())
 
 
-def run_cli_process(*args, code: str = "", cwd: Path | str | None = None) -> subprocess.CompletedProcess:
-    """``timesformer-convert ARGS`` in a fresh interpreter that first runs ``code`` (which may install a fault)."""
-    program = f"import sys\nfrom timesformer_convert.cli import main\n{code}\nsys.exit(main())\n"
-    return subprocess.run(
-        [sys.executable, "-c", program, *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=300,
-    )
+def run_cli_process(*args, code: str = "", cwd: Path | str | None = None, timeout: float = 300) -> Completed:
+    """``timesformer-convert ARGS`` in a process of its own that first runs ``code`` (which may install a fault)."""
+    return Forked.cli(args, code=code, cwd=cwd).wait(timeout)
 
 
-def run_pytest(
-    *args, env: dict[str, str] | None = None, drop: tuple[str, ...] = (), timeout: float = 1800
-) -> Completed:
-    """``pytest ARGS`` on this repository in a fresh process, without the cache provider and with skip reasons
+def run_cli_interpreter(*args, cwd: Path | str | None = None) -> Completed:
+    """``timesformer-convert ARGS`` in a new interpreter, which imports everything itself."""
+    argv = [sys.executable, "-m", "timesformer_convert.cli", *map(str, args)]
+    result = subprocess.run(argv, cwd=cwd, env=_cli_environment(), capture_output=True, text=True, timeout=300)
+    return Completed(argv, result.returncode, result.stdout, result.stderr)
+
+
+def run_pytest(*args, env: dict[str, str] | None = None, drop: tuple[str, ...] = (), timeout: float = 1800):
+    """``pytest ARGS`` on this repository in a process of its own, without the cache provider and with skip reasons
     shown; ``env`` is added to this process's environment, less the variables starting with PRIVATE_VARIABLES or
     ``drop``."""
     hidden = PRIVATE_VARIABLES + drop
     environment = {key: value for key, value in os.environ.items() if not key.startswith(hidden)}
     environment.update(env or {})
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", *map(str, args)]
-    result = subprocess.run(argv, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
-    return Completed(argv, result.returncode, result.stdout, result.stderr)
+    argv = ["-p", "no:cacheprovider", "-rs", *map(str, args)]
+    if Forked.can_run_with(environment):
+        return Forked.pytest(argv, environment).wait(timeout)
+    command = [sys.executable, "-m", "pytest", *argv]
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    return Completed(command, result.returncode, result.stdout, result.stderr)
+
+
+def _cli_environment() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+# --- processes forked from a server that has done the slow imports --------------------------------------------------
+
+SERVER_IMPORTS = ["torch", "transformers.models.timesformer.modeling_timesformer", "timesformer_convert.cli", "pytest"]
+# Read from the environment while the server imports; a child cannot change them.
+READ_ON_IMPORT = ("HF_",)
+
+
+@functools.cache
+def _fork_server() -> tuple[multiprocessing.context.BaseContext, dict[str, str]]:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(SERVER_IMPORTS)
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()  # now, so that the environment recorded below is the one it started with
+    return context, {key: value for key, value in os.environ.items() if key.startswith(READ_ON_IMPORT)}
+
+
+def _child(kind: str, argv: list[str], code: str, cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """The forked process: this environment and folder, stdout and stderr to files, then the command."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for descriptor, path in ((1, out), (2, err)):
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(handle, descriptor)
+        os.close(handle)
+    if kind == "pytest":
+        import pytest
+
+        sys.exit(int(pytest.main(argv)))
+    exec(compile(code, "<fault>", "exec"), {"__name__": "__fault__"})
+    sys.exit(main(argv))
+
+
+class Forked:
+    """One command in a process forked from the fork server; ``wait`` returns what it printed and its exit status
+    (minus the signal's number when a signal ended it, as subprocess reports)."""
+
+    def __init__(self, kind: str, argv: list[str], code: str, cwd, env: dict[str, str]):
+        context, _ = _fork_server()
+        self.argv = argv
+        self._folder = tempfile.TemporaryDirectory(prefix="forked-")
+        self._out, self._err = (os.path.join(self._folder.name, name) for name in ("stdout", "stderr"))
+        cwd = str(cwd or os.getcwd())
+        arguments = (kind, argv, code, cwd, env, self._out, self._err)
+        self._process = context.Process(target=_child, args=arguments, daemon=False)
+        self._process.start()
+
+    @classmethod
+    def can_run_with(cls, env: dict[str, str]) -> bool:
+        """Whether ``env`` agrees with the server's on the variables read on import."""
+        _, server = _fork_server()
+        names = {key for key in (*env, *server) if key.startswith(READ_ON_IMPORT)}
+        return all(env.get(name) == server.get(name) for name in names)
+
+    @classmethod
+    def cli(cls, args, code: str = "", cwd=None) -> Forked:
+        env = _cli_environment()
+        if not cls.can_run_with(env):
+            raise ValueError("the environment changes HF_* variables the fork server read on import")
+        return cls("cli", [str(arg) for arg in args], code, cwd, env)
+
+    @classmethod
+    def pytest(cls, argv: list[str], env: dict[str, str]) -> Forked:
+        return cls("pytest", argv, "", ROOT, env)
+
+    def wait(self, timeout: float = 300) -> Completed:
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+            raise TimeoutError(f"{' '.join(self.argv)} did not finish in {timeout} s")
+        with self._folder as folder:
+            outputs = [Path(folder, name) for name in ("stdout", "stderr")]
+            stdout, stderr = (path.read_text() if path.exists() else "" for path in outputs)
+        return Completed(self.argv, self._process.exitcode, stdout, stderr)
 
 
 def shared_folder(tmp_path_factory) -> Path:

@@ -1,7 +1,7 @@
 """The command line: its exit status, stdout and the one-line errors on stderr.
 
-Most runs call the entry point in this process (tests/running.py); a conversion, the self-check and the installed
-script run as a user runs them, in a fresh process.
+Most runs call the entry point in this process (tests/running.py); the self-check runs in a process of its own, and a
+conversion and the installed script in a new interpreter, as a user runs them.
 """
 
 import json
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.running import run_cli, run_cli_process
+from tests.running import run_cli, run_cli_interpreter, run_cli_process
 from timesformer_convert.config import DIVIDED, SPACE_ONLY, ModelShape
 from timesformer_convert.reference import synthetic_checkpoint
 
@@ -67,7 +67,7 @@ def test_rules_json_lists_every_rule():
 def test_convert_writes_a_loadable_folder(tiny_checkpoint, tmp_path):
     from transformers import TimesformerForVideoClassification
 
-    result = run_cli_process("convert", tiny_checkpoint, "--out", tmp_path / "out", "--num-attention-heads", "2")
+    result = run_cli_interpreter("convert", tiny_checkpoint, "--out", tmp_path / "out", "--num-attention-heads", "2")
 
     assert result.returncode == 0, result.stderr
     stray = [line for line in result.stderr.splitlines() if not line.startswith("WARNING: ")]

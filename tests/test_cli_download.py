@@ -6,15 +6,12 @@ line and leave neither an output folder nor a cached file. Parallel runs downloa
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
 
 from tests.loopback import QUOTA_PAGE, Route
-from tests.running import run_cli
+from tests.running import Forked, run_cli
 from tests.test_cli import assert_one_line_error
 from tests.test_download import cached_files, wait_for
 from timesformer_convert.cache import CACHE_ENV
@@ -128,17 +125,13 @@ def test_existing_output_is_refused_before_downloading(server, cache, good_bytes
 def test_parallel_cli_runs_download_once(server, cache, good_bytes, tmp_path):
     gate = threading.Event()
     url = server.serve("/model.pyth", Route(good_bytes, gate=gate))
-    command = [sys.executable, "-m", "timesformer_convert.cli", "convert", url, "--out"]
-    runs = [
-        subprocess.Popen([*command, str(tmp_path / name)], env=dict(os.environ), stdout=subprocess.PIPE, text=True)
-        for name in ("first", "second")
-    ]
+    runs = [Forked.cli(["convert", url, "--out", tmp_path / name]) for name in ("first", "second")]
 
     wait_for(lambda: server.requests("/model.pyth") >= 1, "the first request")
     gate.set()
-    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    results = [run.wait() for run in runs]
 
-    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
     assert server.requests("/model.pyth") == 1
     assert (tmp_path / "first" / "model.safetensors").read_bytes() == (
         tmp_path / "second" / "model.safetensors"
