@@ -120,6 +120,10 @@ def _child(kind: str, argv: list[str], code: str, cwd: str, env: dict[str, str],
         import pytest
 
         sys.exit(int(pytest.main(argv)))
+    if kind == "python":  # as ``python -c CODE ARGS``
+        sys.argv = ["-c", *argv]
+        exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
+        return
     exec(compile(code, "<fault>", "exec"), {"__name__": "__fault__"})
     sys.exit(main(argv))
 
@@ -155,6 +159,17 @@ class Forked:
     @classmethod
     def pytest(cls, argv: list[str], env: dict[str, str]) -> Forked:
         return cls("pytest", argv, "", ROOT, env)
+
+    @classmethod
+    def python(cls, code: str, *args, env: dict[str, str] | None = None) -> Forked:
+        """``python -c CODE ARGS``, with ``env`` added to this process's environment."""
+        environment = {**os.environ, **(env or {})}
+        if not cls.can_run_with(environment):
+            raise ValueError("the environment changes HF_* variables the fork server read on import")
+        return cls("python", [str(arg) for arg in args], code, None, environment)
+
+    def kill(self) -> None:
+        self._process.kill()
 
     def wait(self, timeout: float = 300) -> Completed:
         self._process.join(timeout)

@@ -9,10 +9,7 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ import pytest
 import torch
 
 from tests.loopback import QUOTA_PAGE, LoopbackServer, Route
+from tests.running import Forked
 from timesformer_convert.cache import CACHE_ENV
 from timesformer_convert.checkpoint import read_state_dict
 from timesformer_convert.checksums import ChecksumLock, FileDigest
@@ -435,15 +433,8 @@ print(fetch_variant(variant, lock=ChecksumLock(None), timeout=120))
 """
 
 
-def start_fetch(url: str, marker: Path, cache: Path) -> subprocess.Popen:
-    env = {**os.environ, CACHE_ENV: str(cache)}
-    return subprocess.Popen(
-        [sys.executable, "-c", FETCH_SCRIPT, url, str(marker)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_fetch(url: str, marker: Path, cache: Path) -> Forked:
+    return Forked.python(FETCH_SCRIPT, url, marker, env={CACHE_ENV: str(cache)})
 
 
 def wait_for(condition, what: str, seconds: float = 120) -> None:
@@ -463,10 +454,10 @@ def test_two_processes_asking_at_once_download_once(server, cache, good_bytes, t
     # Hold the answer until both processes are inside fetch_variant and the first request has arrived.
     wait_for(lambda: all(m.exists() for m in markers) and server.requests("/model.pyth") == 1, "both workers")
     gate.set()
-    results = [worker.communicate(timeout=300) for worker in workers]
+    results = [worker.wait() for worker in workers]
 
-    assert [worker.returncode for worker in workers] == [0, 0], results
-    paths = {stdout.strip() for stdout, _ in results}
+    assert [result.returncode for result in results] == [0, 0], results
+    paths = {result.stdout.strip() for result in results}
     assert paths == {str(cache / "checkpoints" / "loopback-tiny.pyth")}
     assert server.requests("/model.pyth") == 1
     assert Path(paths.pop()).read_bytes() == good_bytes
@@ -482,8 +473,8 @@ def test_an_interrupted_download_leaves_nothing_a_later_run_trusts(server, cache
     partials = lambda: [p for p in (cache / "checkpoints").glob(".*.partial/*") if p.stat().st_size > 0]  # noqa: E731
 
     wait_for(lambda: (cache / "checkpoints").is_dir() and partials(), "the partial download")
-    worker.send_signal(signal.SIGKILL)
-    worker.communicate(timeout=60)
+    worker.kill()
+    assert worker.wait(60).returncode == -signal.SIGKILL
 
     target = cache / "checkpoints" / "loopback-tiny.pyth"
     assert not target.exists()

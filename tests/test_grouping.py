@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.plugins.grouping import VariantScheduling, variant_group
+from tests.plugins.grouping import ONE_WORKER_FILES, VariantScheduling, variant_group
 
 
 @pytest.mark.parametrize(
@@ -35,3 +35,11 @@ def test_tests_of_one_variant_form_one_scope_and_the_rest_spread():
     assert {split(None, nodeid) for nodeid in same} == {"timesformer-hr-finetuned-ssv2"}
     loose = ["tests/test_cli.py::test_a", "tests/test_cli.py::test_b"]
     assert [split(None, nodeid) for nodeid in loose] == loose
+
+
+def test_the_tests_of_a_one_worker_file_form_one_scope_whatever_variant_they_name():
+    split = VariantScheduling._split_scope
+    (path,) = ONE_WORKER_FILES
+    nodeids = [f"{path}::test_a[timesformer-base-finetuned-k400-logits]", f"{path}::test_b"]
+
+    assert {split(None, nodeid) for nodeid in nodeids} == {path}

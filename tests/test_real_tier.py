@@ -1,6 +1,6 @@
 """The real tier's switches, from a pytest subprocess as a user or a CI job runs it.
 
-Off by default with a skip that says how to enable it (read from the plain run that tests/conftest.py shares);
+Off by default with a skip that says how to enable it (tests/test_plain_run.py);
 ``--require-real`` makes that a failure; ``--checkpoint-dir`` runs it through ``fetch_variant`` on the files there. The
 end-to-end run uses a folder holding a full-size synthetic checkpoint under the released file name, and a hub cache
 holding a stand-in spaghetti clip: the real tier's own tests then pass on it, which they could not if the wiring
@@ -24,18 +24,13 @@ from timesformer_convert.variants import LABEL_REPO, VARIANTS
 SSV2 = VARIANTS["timesformer-base-finetuned-ssv2"]
 
 
-def run_real_tier(tmp_path, *options):
-    """The real tier's tests with ``options``, with a cache and a hub folder of their own."""
-    env = {CACHE_ENV: str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    return run_pytest("tests/test_real.py", "-q", "-rfEs", *options, env=env, drop=("HF_",))
-
-
-def test_the_real_tier_is_off_by_default_and_says_how_to_enable_it(default_run):
-    skips = [line for line in default_run.result.stdout.splitlines() if line.startswith("SKIPPED [")]
-
-    (line,) = [line for line in skips if "real tier is off" in line]
-    assert line.startswith(f"SKIPPED [{len(VARIANTS)}] "), line
-    assert "enable the real tier with --real" in line and "--checkpoint-dir" in line, line
+def run_real_tier(tmp_path, *options, own_hub: bool = False):
+    """The real tier's tests with ``options``, with a cache of their own, and a hub folder too if ``own_hub``."""
+    env = {CACHE_ENV: str(tmp_path / "cache")}
+    if own_hub:
+        env.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+        return run_pytest("tests/test_real.py", "-q", "-rfEs", *options, env=env, drop=("HF_",))
+    return run_pytest("tests/test_real.py", "-q", "-rfEs", *options, env=env)
 
 
 @pytest.mark.parametrize(("required", "outcome"), [(False, pytest.skip.Exception), (True, pytest.fail.Exception)])
@@ -91,6 +86,7 @@ def test_the_real_tier_runs_end_to_end_on_a_checkpoint_folder(tmp_path, artifact
         "--require-real",
         "-k",
         "base-finetuned-ssv2 and (declared_variants_shape or key_coverage or spaghetti_clip_at_native_shape)",
+        own_hub=True,
     )
 
     assert result.returncode == 0, result.stdout + result.stderr

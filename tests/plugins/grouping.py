@@ -3,7 +3,7 @@
 The worker that first needs a variant converts it and keeps the converted model's outputs in memory; the variant's
 other tests should find them there instead of recomputing a forward pass elsewhere. A test belongs to a variant when
 its id's parameters name one (``test_x[timesformer-hr-finetuned-k600]``, ``test_y[timesformer-hr-finetuned-k600-real]``
-); tests of no variant are spread one by one.
+); tests of no variant are spread one by one, except those of a file that must stay on one worker.
 
 xdist's ``--dist loadgroup`` carries groups by appending ``@group`` to node ids, which pytest 9.2 no longer
 honours: the tests then spread silently. This scheduler reads the variant from the id itself, so nothing depends on
@@ -34,11 +34,23 @@ def variant_group(nodeid: str) -> str | None:
     return found.group(1) if found else None
 
 
+# Files whose tests all read one run made for them: kept on one worker, so that none waits for another's.
+ONE_WORKER_FILES = ("tests/test_plain_run.py",)
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit of work ``nodeid`` is scheduled in: its file if listed above, else its variant, else itself."""
+    path = nodeid.split("::", 1)[0]
+    if path in ONE_WORKER_FILES:
+        return path
+    return variant_group(nodeid) or nodeid
+
+
 class VariantScheduling(LoadScopeScheduling):
-    """xdist's scope scheduling with one scope per variant; every other test is a scope of its own."""
+    """xdist's scope scheduling with the scopes of :func:`scope_of`."""
 
     def _split_scope(self, nodeid: str) -> str:
-        return variant_group(nodeid) or nodeid
+        return scope_of(nodeid)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own choice for the --dist value
