@@ -53,6 +53,13 @@ class VariantScheduling(LoadScopeScheduling):
         return scope_of(nodeid)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort, so the order is otherwise kept): the scheduler hands out units of work in
+    the order their first test was collected, and long units started last leave the other workers idle at the end."""
+    if getattr(config.option, "loadgroup", False):  # what an xdist worker under --dist loadgroup is told
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own choice for the --dist value
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") == "loadgroup":
