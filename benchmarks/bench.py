@@ -5,7 +5,8 @@ child's maximum resident set size from ``resource.getrusage(RUSAGE_CHILDREN)`` (
 each run is measured on its own). Each measurement is repeated and the median is reported, with min and max.
 
     python benchmarks/bench.py                      # conversion comparison (5 runs) and forward times
-    python benchmarks/bench.py --suite              # also the test suite with 1 worker and -n auto, cold and warm
+    python benchmarks/bench.py --suite              # also the test suite under -n auto: 3 x (cold, then warm)
+    python benchmarks/bench.py --suite --one-worker --no-conversion --no-forward   # the suite only, with -n 0 too
     python benchmarks/bench.py --json out.json      # write the results as JSON too
 
 The three conversion methods, all on the same full-size synthetic base checkpoint (486 MB):
@@ -161,42 +162,63 @@ def bench_forward(blocks: int) -> dict:
     return results
 
 
-def bench_suite(work: Path) -> dict:
-    env = {**os.environ, "TIMESFORMER_CONVERT_CACHE": str(work / "suite-cache")}
+def run_suite(cache: Path, workers: str) -> dict:
+    """One ``pytest -n WORKERS`` run of the whole suite on the cache folder ``cache``: wall time, result line, and
+    how many artifacts it built (from the suite's builds.log)."""
+    env = {**os.environ, "TIMESFORMER_CONVERT_CACHE": str(cache)}
+    begun = time.time()
+    started = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", workers, "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    built = 0
+    for log in cache.glob("suite-*/builds.log"):
+        built += sum(json.loads(line)["time"] >= begun for line in log.read_text().splitlines() if line.strip())
+    lines = run.stdout.strip().splitlines()
+    return {"seconds": seconds, "exit": run.returncode, "builds": built, "summary": lines[-1] if lines else ""}
+
+
+def bench_suite(work: Path, rounds: int, one_worker: bool) -> dict:
+    """Cold (empty cache) then warm runs of the suite under ``-n auto``, ``rounds`` times; optionally one cold run
+    with a single process."""
+    cache = work / "suite-cache"
+    runs: dict[str, list[dict]] = {"-n auto, cold": [], "-n auto, warm": []}
+    if one_worker:
+        runs = {"-n 0, cold": [], **runs}
+        shutil.rmtree(cache, ignore_errors=True)
+        runs["-n 0, cold"].append(run_suite(cache, "0"))
+    for _ in range(rounds):
+        shutil.rmtree(cache, ignore_errors=True)
+        runs["-n auto, cold"].append(run_suite(cache, "auto"))
+        runs["-n auto, warm"].append(run_suite(cache, "auto"))
+    shutil.rmtree(cache, ignore_errors=True)
     results = {}
-    for label, workers, cold in (
-        ("-n 0, cold", "0", True),
-        ("-n auto, cold", "auto", True),
-        ("-n auto, warm", "auto", False),
-    ):
-        if cold:
-            shutil.rmtree(work / "suite-cache", ignore_errors=True)
-        started = time.perf_counter()
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-n", workers, "-p", "no:cacheprovider"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+    for label, done in runs.items():
+        seconds = sorted(run["seconds"] for run in done)
         results[label] = {
-            "seconds": time.perf_counter() - started,
-            "exit": run.returncode,
-            "summary": run.stdout.strip().splitlines()[-1] if run.stdout.strip() else "",
+            "seconds": {"median": statistics.median(seconds), "min": seconds[0], "max": seconds[-1]},
+            "runs": done,
         }
-        builds = list((work / "suite-cache").glob("suite-*/builds.log"))
-        results[label]["builds"] = sum(len(p.read_text().splitlines()) for p in builds)
-    shutil.rmtree(work / "suite-cache", ignore_errors=True)
+    cold, warm = (results[label]["seconds"]["median"] for label in ("-n auto, cold", "-n auto, warm"))
+    results["warm / cold"] = warm / cold
     return results
 
 
 def format_results(results: dict) -> str:
-    lines = [f"{results['date']}, {results['machine']}", ""]
-    lines.append(
-        "| conversion (whole process) | wall s, median (min-max) | peak MiB, median | wall / floor | peak / floor |"
-    )
-    lines.append("| --- | --- | --- | --- | --- |")
-    for name, r in results["conversion"].items():
+    lines = [f"{results['date']}, {results['machine']}"]
+    if results.get("conversion"):
+        lines += [
+            "",
+            "| conversion (whole process) | wall s, median (min-max) | peak MiB, median | wall / floor "
+            "| peak / floor |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+    for name, r in results.get("conversion", {}).items():
         lines.append(
             f"| {name} | {r['wall']['median']:.2f} ({r['wall']['min']:.2f}-{r['wall']['max']:.2f}) | "
             f"{r['peak_mib']['median']:.0f} | {r['wall_vs_floor']:.2f} | {r['peak_vs_floor']:.2f} |"
@@ -205,11 +227,19 @@ def format_results(results: dict) -> str:
         lines += ["", f"| forward, {results['forward_blocks']} blocks, reference model | seconds |", "| --- | --- |"]
         lines += [f"| {shape} | {seconds:.2f} |" for shape, seconds in results["forward"].items()]
     if results.get("suite"):
-        lines += ["", "| test suite | seconds | builds | result |", "| --- | --- | --- | --- |"]
-        lines += [
-            f"| pytest {label} | {r['seconds']:.0f} | {r['builds']} | {r['summary']} |"
-            for label, r in results["suite"].items()
-        ]
+        suite = results["suite"]
+        lines += ["", "| test suite | wall s, median (min-max) | built per run | result |"]
+        lines.append("| --- | --- | --- | --- |")
+        for label, r in suite.items():
+            if label == "warm / cold":
+                continue
+            s = r["seconds"]
+            built = sorted({run["builds"] for run in r["runs"]})
+            lines.append(
+                f"| pytest {label} ({len(r['runs'])} runs) | {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) | "
+                f"{', '.join(map(str, built))} | {r['runs'][-1]['summary']} |"
+            )
+        lines += ["", f"warm / cold (medians, -n auto): {suite['warm / cold']:.2f}"]
     return "\n".join(lines)
 
 
@@ -218,7 +248,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="counted runs per conversion method (default 5)")
     parser.add_argument("--forward-blocks", type=int, default=1, help="blocks in the forward-time model (default 1)")
     parser.add_argument("--no-forward", action="store_true", help="skip the forward timings")
-    parser.add_argument("--suite", action="store_true", help="also time the test suite (several minutes)")
+    parser.add_argument("--suite", action="store_true", help="also time the test suite, cold and warm (minutes)")
+    parser.add_argument("--suite-rounds", type=int, default=3, help="cold + warm suite runs to take medians of")
+    parser.add_argument("--one-worker", action="store_true", help="with --suite, also one cold run with -n 0")
+    parser.add_argument("--no-conversion", action="store_true", help="skip the conversion timings")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -227,12 +260,13 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }
     with tempfile.TemporaryDirectory(prefix="timesformer-bench-") as work:
-        results["conversion"] = bench_conversion(Path(work), args.runs)
+        if not args.no_conversion:
+            results["conversion"] = bench_conversion(Path(work), args.runs)
         if not args.no_forward:
             results["forward_blocks"] = args.forward_blocks
             results["forward"] = bench_forward(args.forward_blocks)
         if args.suite:
-            results["suite"] = bench_suite(Path(work))
+            results["suite"] = bench_suite(Path(work), args.suite_rounds, args.one_worker)
     print(format_results(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

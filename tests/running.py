@@ -72,13 +72,14 @@ def run_cli_interpreter(*args, cwd: Path | str | None = None) -> Completed:
 
 
 def run_pytest(*args, env: dict[str, str] | None = None, drop: tuple[str, ...] = (), timeout: float = 1800):
-    """``pytest ARGS`` on this repository in a process of its own, without the cache provider and with skip reasons
-    shown; ``env`` is added to this process's environment, less the variables starting with PRIVATE_VARIABLES or
-    ``drop``."""
+    """``pytest ARGS`` on this repository in a process of its own, without the cache provider (nor the hypothesis
+    and anyio plugins) and with skip reasons shown; ``env`` is added to this process's environment, less the
+    variables starting with PRIVATE_VARIABLES or ``drop``."""
     hidden = PRIVATE_VARIABLES + drop
     environment = {key: value for key, value in os.environ.items() if not key.startswith(hidden)}
     environment.update(env or {})
-    argv = ["-p", "no:cacheprovider", "-rs", *map(str, args)]
+    # The runs started from tests select no property-based or async tests: their plugins' imports are skipped.
+    argv = ["-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:anyio", "-rs", *map(str, args)]
     if Forked.can_run_with(environment):
         return Forked.pytest(argv, environment).wait(timeout)
     command = [sys.executable, "-m", "pytest", *argv]
