@@ -65,3 +65,43 @@ def test_reports_of_no_variant_are_left_out():
     summary.pytest_runtest_logreport(unrelated)
 
     assert summary.rows() == []
+
+
+class Node:
+    """Stands in for the xdist worker controller that the controller sets on each report."""
+
+    def __init__(self, worker):
+        self.gateway = type("Gateway", (), {"id": worker})()
+
+
+class Session:
+    def __init__(self, exitstatus):
+        self.exitstatus = exitstatus
+
+
+def test_a_variant_spread_over_workers_is_named_and_fails_the_run():
+    summary = VariantSummary()
+    for name, variant, worker in [("a", K400, "gw0"), ("b", K400, "gw0"), ("a", SSV2, "gw0"), ("b", SSV2, "gw1")]:
+        each = report(name, variant)
+        each.node = Node(worker)
+        summary.pytest_runtest_logreport(each)
+    session = Session(pytest.ExitCode.OK)
+
+    summary.pytest_sessionfinish(session)
+
+    assert summary.spread() == {SSV2: ["gw0", "gw1"]}
+    assert session.exitstatus == pytest.ExitCode.TESTS_FAILED
+
+
+def test_one_worker_per_variant_or_no_workers_leaves_the_run_alone():
+    summary = VariantSummary()
+    for name, variant, worker in [("a", K400, "gw0"), ("b", K400, "gw0"), ("a", SSV2, "gw1"), ("c", SSV2, None)]:
+        each = report(name, variant)
+        if worker:
+            each.node = Node(worker)
+        summary.pytest_runtest_logreport(each)
+    session = Session(pytest.ExitCode.OK)
+
+    summary.pytest_sessionfinish(session)
+
+    assert summary.spread() == {} and session.exitstatus == pytest.ExitCode.OK

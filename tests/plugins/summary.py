@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
+
 from timesformer_convert.variants import VARIANTS
 
 from .tables import table_lines
@@ -60,12 +62,16 @@ class VariantSummary:
 
     def __init__(self):
         self.tests: dict[str, ReportedTest] = {}
+        self.workers: dict[str, set[str]] = {}
 
     def pytest_runtest_logreport(self, report):
         properties = dict(report.user_properties)
         variant = properties.get(VARIANT_PROPERTY)
         if variant is None:
             return
+        gateway = getattr(getattr(report, "node", None), "gateway", None)  # the xdist worker that ran it
+        if gateway is not None:
+            self.workers.setdefault(variant, set()).add(gateway.id)
         test = self.tests.setdefault(report.nodeid, ReportedTest(variant))
         test.seconds += report.duration
         test.properties.update(properties)
@@ -111,14 +117,28 @@ class VariantSummary:
             "seconds": f"{sum(test.seconds for test in tests):.1f}",
         }
 
+    def spread(self) -> dict[str, list[str]]:
+        """Variants whose tests ran on more than one xdist worker, with those workers."""
+        return {variant: sorted(workers) for variant, workers in self.workers.items() if len(workers) > 1}
+
     def pytest_terminal_summary(self, terminalreporter):
         rows = self.rows()
-        if not rows:
-            return
-        terminalreporter.section("per-variant summary")
-        header = list(rows[0])
-        for line in table_lines(header, [[row[column] for column in header] for row in rows]):
-            terminalreporter.write_line(line)
+        if rows:
+            terminalreporter.section("per-variant summary")
+            header = list(rows[0])
+            for line in table_lines(header, [[row[column] for column in header] for row in rows]):
+                terminalreporter.write_line(line)
+        for variant, workers in self.spread().items():
+            terminalreporter.write_line(
+                f"ERROR: the tests of {variant} ran on {', '.join(workers)}; one variant's tests must share a worker "
+                "(see tests/plugins/grouping.py)",
+                red=True,
+            )
+
+    def pytest_sessionfinish(self, session):
+        # Spread tests each recompute what one worker holds in memory: the scheduling is broken, so the run fails.
+        if self.spread() and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _golden_status(golden: dict, outcome: str) -> str:
