@@ -18,6 +18,7 @@ import pytest
 
 from timesformer_convert.variants import VARIANTS
 
+from .grouping import scope_of
 from .tables import table_lines
 
 VARIANT_PROPERTY = "variant"
@@ -65,13 +66,13 @@ class VariantSummary:
         self.workers: dict[str, set[str]] = {}
 
     def pytest_runtest_logreport(self, report):
+        gateway = getattr(getattr(report, "node", None), "gateway", None)  # the xdist worker that ran it
+        if gateway is not None:
+            self.workers.setdefault(scope_of(report.nodeid), set()).add(gateway.id)
         properties = dict(report.user_properties)
         variant = properties.get(VARIANT_PROPERTY)
         if variant is None:
             return
-        gateway = getattr(getattr(report, "node", None), "gateway", None)  # the xdist worker that ran it
-        if gateway is not None:
-            self.workers.setdefault(variant, set()).add(gateway.id)
         test = self.tests.setdefault(report.nodeid, ReportedTest(variant))
         test.seconds += report.duration
         test.properties.update(properties)
@@ -118,8 +119,8 @@ class VariantSummary:
         }
 
     def spread(self) -> dict[str, list[str]]:
-        """Variants whose tests ran on more than one xdist worker, with those workers."""
-        return {variant: sorted(workers) for variant, workers in self.workers.items() if len(workers) > 1}
+        """Units of work (a variant's tests, see grouping.scope_of) that ran on more than one xdist worker."""
+        return {scope: sorted(workers) for scope, workers in self.workers.items() if len(workers) > 1}
 
     def pytest_terminal_summary(self, terminalreporter):
         rows = self.rows()
@@ -128,9 +129,9 @@ class VariantSummary:
             header = list(rows[0])
             for line in table_lines(header, [[row[column] for column in header] for row in rows]):
                 terminalreporter.write_line(line)
-        for variant, workers in self.spread().items():
+        for scope, workers in self.spread().items():
             terminalreporter.write_line(
-                f"ERROR: the tests of {variant} ran on {', '.join(workers)}; one variant's tests must share a worker "
+                f"ERROR: the tests of {scope} ran on {', '.join(workers)}; they must share a worker "
                 "(see tests/plugins/grouping.py)",
                 red=True,
             )
