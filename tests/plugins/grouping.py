@@ -2,8 +2,8 @@
 
 The worker that first needs a variant converts it and keeps the converted model's outputs in memory; the variant's
 other tests should find them there instead of recomputing a forward pass elsewhere. A test belongs to a variant when
-its id's parameters name one, as in ``test_x[timesformer-hr-finetuned-k600]`` or ``test_y[timesformer-hr-finetuned-
-k600-real]``. Tests of no variant are spread one by one, except those of a file that must stay on one worker.
+its id's parameters name one, as in ``test_x[VARIANT]`` or ``test_y[VARIANT-real]``. Tests of no variant are spread
+one by one, except those of a file that must stay on one worker.
 
 xdist's ``--dist loadgroup`` carries groups by appending ``@group`` to node ids, which pytest 9.2 no longer
 honours: the tests then spread silently. This scheduler reads the variant from the id itself, so nothing depends on
