@@ -258,3 +258,17 @@ def test_label_file_that_is_fine_still_reads(tmp_path):
     path.write_text(json.dumps({"0": "abseiling", "1": "air drumming"}))
 
     assert read_label_file(path, 2) == {0: "abseiling", 1: "air drumming"}
+
+
+@pytest.mark.parametrize(("names", "counted"), [(["a"], "1 entry, "), (["a", "b"], "2 entries, ")])
+def test_cache_info_counts_the_entries(tmp_path, monkeypatch, names, counted):
+    root = tmp_path / "cache"
+    root.mkdir()
+    for name in names:
+        (root / name).write_bytes(b"x" * 1024)
+    monkeypatch.setenv(CACHE_ENV, str(root))
+
+    result = run_cli("cache", "info")
+
+    assert result.returncode == 0, result.stderr
+    assert f"{root} (set {CACHE_ENV} to move it): {counted}" in result.stdout

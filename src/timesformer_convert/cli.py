@@ -310,7 +310,8 @@ def _command_cache(args) -> int:
         print(f"removed {clean(root) / 2**20:.1f} MiB from {root}")
         return 0
     entries, size = usage(root)
-    print(f"{root} (set {CACHE_ENV} to move it): {entries} entries, {size / 2**20:.1f} MiB")
+    noun = "entry" if entries == 1 else "entries"
+    print(f"{root} (set {CACHE_ENV} to move it): {entries} {noun}, {size / 2**20:.1f} MiB")
     return 0
 
 
