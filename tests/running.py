@@ -135,6 +135,8 @@ class Forked:
 
     def __init__(self, kind: str, argv: list[str], code: str, cwd, env: dict[str, str]):
         context, _ = _fork_server()
+        if not self.can_run_with(env):
+            raise ValueError("the environment changes HF_* variables the fork server read on import")
         self.argv = argv
         self._folder = tempfile.TemporaryDirectory(prefix="forked-")
         self._out, self._err = (os.path.join(self._folder.name, name) for name in ("stdout", "stderr"))
@@ -152,10 +154,7 @@ class Forked:
 
     @classmethod
     def cli(cls, args, code: str = "", cwd=None) -> Forked:
-        env = _cli_environment()
-        if not cls.can_run_with(env):
-            raise ValueError("the environment changes HF_* variables the fork server read on import")
-        return cls("cli", [str(arg) for arg in args], code, cwd, env)
+        return cls("cli", [str(arg) for arg in args], code, cwd, _cli_environment())
 
     @classmethod
     def pytest(cls, argv: list[str], env: dict[str, str]) -> Forked:
@@ -164,10 +163,7 @@ class Forked:
     @classmethod
     def python(cls, code: str, *args, env: dict[str, str] | None = None) -> Forked:
         """``python -c CODE ARGS``, with ``env`` added to this process's environment."""
-        environment = {**os.environ, **(env or {})}
-        if not cls.can_run_with(environment):
-            raise ValueError("the environment changes HF_* variables the fork server read on import")
-        return cls("python", [str(arg) for arg in args], code, None, environment)
+        return cls("python", [str(arg) for arg in args], code, None, {**os.environ, **(env or {})})
 
     def kill(self) -> None:
         self._process.kill()
@@ -178,9 +174,9 @@ class Forked:
             self._process.kill()
             self._process.join()
             raise TimeoutError(f"{' '.join(self.argv)} did not finish in {timeout} s")
-        with self._folder as folder:
-            outputs = [Path(folder, name) for name in ("stdout", "stderr")]
-            stdout, stderr = (path.read_text() if path.exists() else "" for path in outputs)
+        with self._folder:
+            printed = (Path(path).read_text() if os.path.exists(path) else "" for path in (self._out, self._err))
+            stdout, stderr = printed
         return Completed(self.argv, self._process.exitcode, stdout, stderr)
 
 
@@ -196,3 +192,26 @@ def once_per_run(tmp_path_factory, name: str, make: Callable[[], Completed]) -> 
     target = shared_folder(tmp_path_factory) / f"{name}.json"
     build_once(target, lambda staging: staging.write_text(json.dumps(asdict(make()))))
     return Completed(**json.loads(target.read_text()))
+
+
+def failure_section(output: str, test: str) -> str:
+    """What pytest printed for the failure of ``test``: from its ``___ test ___`` header to the next header."""
+    lines = output.splitlines()
+    starts = [index for index, line in enumerate(lines) if line.startswith("_") and f" {test} " in line]
+    assert starts, f"no failure section for {test} in:\n{output}"
+    section = []
+    for line in lines[starts[0] + 1 :]:
+        if line.startswith(("___", "===")):
+            break
+        section.append(line)
+    return "\n".join(section)
+
+
+class Options:
+    """Stands in for pytest's config in the option checks that run when pytest starts."""
+
+    def __init__(self, **options):
+        self.options = {f"--{name.replace('_', '-')}": value for name, value in options.items()}
+
+    def getoption(self, name):
+        return self.options[name]

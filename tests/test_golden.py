@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from conftest import FORWARD_BLOCKS, SYNTHETIC_VERSION, VARIANT_NAMES
 from tests.plugins import golden as golden_plugin
 from tests.plugins.golden import GoldenStore, set_golden_status
-from tests.running import Forked, run_pytest
+from tests.running import Forked, Options, run_pytest
 from timesformer_convert.checkpoint import read_state_dict
 from timesformer_convert.config import ModelShape
 from timesformer_convert.convert import WEIGHTS_NAME, convert_checkpoint
@@ -57,7 +57,6 @@ from timesformer_convert.inference import load_converted, to_pixel_values
 from timesformer_convert.variants import VARIANTS
 from timesformer_convert.verify import native_clip, shallow, variant_seed, variant_shape
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = "timesformer-base-finetuned-k400"
 # Goldens that tests/test_plain_run.py moves by 1e-3: variant -> (value, where the gate should locate it).
 PERTURBED_GOLDENS = {BASE: ("logits[2]", HEAD), "timesformer-base-finetuned-ssv2": ("block 0 mean", "block 0")}
@@ -396,19 +395,6 @@ def copy_golden(store: GoldenStore, kind: str, variant: str, folder: Path) -> tu
     return json.loads(source.read_text()), target
 
 
-def failure_section(output: str, test: str) -> str:
-    """What pytest printed for the failure of ``test``: from its ``___ test ___`` header to the next header."""
-    lines = output.splitlines()
-    starts = [index for index, line in enumerate(lines) if line.startswith("_") and f" {test} " in line]
-    assert starts, f"no failure section for {test} in:\n{output}"
-    section = []
-    for line in lines[starts[0] + 1 :]:
-        if line.startswith(("___", "===")):
-            break
-        section.append(line)
-    return "\n".join(section)
-
-
 def status_line(output: str, test: str, status: str) -> bool:
     """Whether a verbose line reports ``test`` with ``status``."""
     return any(test in line and f" {status}" in line for line in output.splitlines())
@@ -449,16 +435,6 @@ def test_refresh_restores_a_deleted_golden_and_the_next_run_passes(variant, gold
     # The next run's gate: the restored golden passes on the same outputs.
     run = synthetic_runs(variant)
     assert gate(restored, path, run.observation, synthetic_protocol(VARIANTS[variant]), run.locate).ok
-
-
-class Options:
-    """Stands in for pytest's config in the option checks that run when pytest starts."""
-
-    def __init__(self, **options):
-        self.options = {f"--{name.replace('_', '-')}": value for name, value in options.items()}
-
-    def getoption(self, name):
-        return self.options[name]
 
 
 def test_refresh_refuses_to_run_under_ci(monkeypatch):

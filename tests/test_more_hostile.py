@@ -11,9 +11,8 @@ import torch
 
 from conftest import check_oracle_dir
 from tests.loopback import LoopbackServer, Route
-from tests.running import run_cli
+from tests.running import Options, run_cli
 from tests.test_cli import TINY, assert_one_line_error
-from tests.test_golden import Options
 from timesformer_convert.cache import CACHE_ENV, cache_dir, clean
 from timesformer_convert.config import SPACE_ONLY, ModelShape
 from timesformer_convert.convert import convert_state_dict

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.running import Completed, once_per_run, run_pytest, shared_folder
-from tests.test_golden import BASE, PERTURBED_GOLDENS, copy_golden, failure_section, perturb
+from tests.running import Completed, failure_section, once_per_run, run_pytest, shared_folder
+from tests.test_golden import BASE, PERTURBED_GOLDENS, copy_golden, perturb
 from timesformer_convert.golden import golden_path
 from timesformer_convert.variants import VARIANTS
 

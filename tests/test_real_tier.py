@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from tests.plugins.real import RealTier
-from tests.running import run_pytest
-from tests.test_golden import Options, failure_section
+from tests.running import Options, failure_section, run_pytest
 from tests.test_hub import npy_bytes, populate_hub_cache
 from timesformer_convert.cache import CACHE_ENV
 from timesformer_convert.download import CHECKPOINT_DIR_ENV
@@ -26,11 +25,10 @@ SSV2 = VARIANTS["timesformer-base-finetuned-ssv2"]
 
 def run_real_tier(tmp_path, *options, own_hub: bool = False):
     """The real tier's tests with ``options``, with a cache of their own, and a hub folder too if ``own_hub``."""
-    env = {CACHE_ENV: str(tmp_path / "cache")}
+    env, drop = {CACHE_ENV: str(tmp_path / "cache")}, ()
     if own_hub:
-        env.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-        return run_pytest("tests/test_real.py", "-q", "-rfEs", *options, env=env, drop=("HF_",))
-    return run_pytest("tests/test_real.py", "-q", "-rfEs", *options, env=env)
+        env, drop = {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, ("HF_",)
+    return run_pytest("tests/test_real.py", "-q", "-rfEs", *options, env=env, drop=drop)
 
 
 @pytest.mark.parametrize(("required", "outcome"), [(False, pytest.skip.Exception), (True, pytest.fail.Exception)])
