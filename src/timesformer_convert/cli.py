@@ -346,41 +346,37 @@ COMMANDS = {
 }
 
 
+def _quiet_transformers(restore: contextlib.ExitStack) -> None:
+    """Only transformers' errors, and no progress bars, until ``restore`` closes."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    restore.callback(transformers_logging.set_verbosity, transformers_logging.get_verbosity())
+    if transformers_logging.is_progress_bar_enabled():
+        restore.callback(transformers_logging.enable_progress_bar)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 @contextlib.contextmanager
 def _console(debug: bool, verbose: bool):
     """The command's messages go to the current stderr as ``LEVEL: message``; library warnings are hidden unless
     ``debug``. Everything is put back afterwards, so ``main`` can also be called from Python."""
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
-    transformers_logging = None
-    if not debug:
-        try:
-            from transformers.utils import logging as transformers_logging
-        except ImportError:
-            pass
-    if transformers_logging is not None:
-        saved_verbosity = transformers_logging.get_verbosity()
-        bars = transformers_logging.is_progress_bar_enabled()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            if not debug:
-                warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-        if transformers_logging is not None:
-            transformers_logging.set_verbosity(saved_verbosity)
-            if bars:
-                transformers_logging.enable_progress_bar()
+    with contextlib.ExitStack() as restore:
+        restore.callback(setattr, logger, "propagate", logger.propagate)
+        restore.callback(logger.setLevel, logger.level)
+        restore.callback(logger.removeHandler, handler)
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+        logger.propagate = False
+        restore.enter_context(warnings.catch_warnings())
+        if not debug:
+            warnings.simplefilter("ignore")
+            _quiet_transformers(restore)
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
