@@ -55,7 +55,7 @@ from timesformer_convert.golden import (
 )
 from timesformer_convert.inference import load_converted, to_pixel_values
 from timesformer_convert.variants import VARIANTS
-from timesformer_convert.verify import native_clip, shallow, variant_seed, variant_shape
+from timesformer_convert.verify import native_clip, variant_seed, variant_shape
 
 BASE = "timesformer-base-finetuned-k400"
 # Goldens that tests/test_plain_run.py moves by 1e-3: variant -> (value, where the gate should locate it).
@@ -106,7 +106,7 @@ def synthetic_runs(artifacts):
 
     def run(variant: str) -> ConvertedRun:
         if variant not in runs:
-            shape = shallow(variant_shape(VARIANTS[variant]), FORWARD_BLOCKS)
+            shape = artifacts.forward_shape(variant)
             checkpoint = artifacts.checkpoint(variant, FORWARD_BLOCKS)
             folder = artifacts.converted(variant, FORWARD_BLOCKS)
             outputs = artifacts.converted_outputs(variant)  # the forward pass the reference test also checks

@@ -54,8 +54,9 @@ class VariantScheduling(LoadScopeScheduling):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first (a stable sort, so the order is otherwise kept): the scheduler hands out units of work in
-    the order their first test was collected, and long units started last leave the other workers idle at the end."""
+    """Slow tests first (a stable sort, so the order is otherwise kept): the scheduler hands out the units with the
+    most tests first and units of one size in the order their first test was collected, so this puts the slow
+    single tests ahead of the quick ones; a long test started last leaves the other workers idle at the end."""
     if getattr(config.option, "loadgroup", False):  # what an xdist worker under --dist loadgroup is told
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
