@@ -79,11 +79,17 @@ def build_once(target: Path, build: Callable[[Path], None], on_built: Callable[[
     return target
 
 
+def _bytes_under(path: Path) -> int:
+    """Size of a file, or of every file under a folder."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(inner.stat().st_size for inner in path.rglob("*") if inner.is_file())
+
+
 def usage(root: Path | None = None) -> tuple[int, int]:
     """Return (top-level entries, total bytes) of the cache."""
     root = root or cache_dir()
-    size = sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
-    return len(list(root.iterdir())), size
+    return len(list(root.iterdir())), _bytes_under(root)
 
 
 def _remove_stale_staging(target: Path) -> None:
@@ -114,10 +120,9 @@ def clean(root: Path | None = None) -> int:
         )
     freed = 0
     for entry in owned:
+        freed += _bytes_under(entry)
         if entry.is_dir():
-            freed += sum(path.stat().st_size for path in entry.rglob("*") if path.is_file())
             shutil.rmtree(entry, ignore_errors=True)
         else:
-            freed += entry.stat().st_size
             entry.unlink(missing_ok=True)
     return freed
