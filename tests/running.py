@@ -9,8 +9,9 @@ tests of every xdist worker share one such run.
 Those processes are forked from a fork server that has imported torch, transformers' TimeSformer and pytest once: a
 child starts in milliseconds rather than the seconds a new interpreter spends on imports, and has none of this
 process's threads or state. What the server's imports read from the environment (huggingface_hub reads ``HF_*``) is
-fixed when it starts, so a run that changes those variables gets a new interpreter instead. So does
-``run_cli_interpreter``, for what only a new interpreter shows: what a library prints while it is imported.
+fixed when it starts, so a run that changes those variables gets a new interpreter instead (the hub cache's folder
+excepted: this package reads it when used). So does ``run_cli_interpreter``, for what only a new interpreter shows:
+what a library prints while it is imported.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from timesformer_convert.cache import build_once
 from timesformer_convert.cli import main
+from timesformer_convert.hub import HUB_CACHE_VARIABLES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Variables of the calling run that must not leak into a run started from a test: xdist's and pytest's own, CI
@@ -94,8 +96,10 @@ def _cli_environment() -> dict[str, str]:
 # --- processes forked from a server that has done the slow imports --------------------------------------------------
 
 SERVER_IMPORTS = ["torch", "transformers.models.timesformer.modeling_timesformer", "timesformer_convert.cli", "pytest"]
-# Read from the environment while the server imports; a child cannot change them.
+# Read from the environment while the server imports (huggingface_hub's settings); a child cannot change them. The
+# hub cache's folder is the exception: this package reads it when it asks for a file (hub.hub_cache_dir).
 READ_ON_IMPORT = ("HF_",)
+READ_WHEN_USED = ("HF_HOME", *HUB_CACHE_VARIABLES)
 
 
 @functools.cache
@@ -149,7 +153,7 @@ class Forked:
     def can_run_with(cls, env: dict[str, str]) -> bool:
         """Whether ``env`` agrees with the server's on the variables read on import."""
         _, server = _fork_server()
-        names = {key for key in (*env, *server) if key.startswith(READ_ON_IMPORT)}
+        names = {key for key in (*env, *server) if key.startswith(READ_ON_IMPORT) and key not in READ_WHEN_USED}
         return all(env.get(name) == server.get(name) for name in names)
 
     @classmethod
@@ -161,9 +165,11 @@ class Forked:
         return cls("pytest", argv, "", ROOT, env)
 
     @classmethod
-    def python(cls, code: str, *args, env: dict[str, str] | None = None) -> Forked:
-        """``python -c CODE ARGS``, with ``env`` added to this process's environment."""
-        return cls("python", [str(arg) for arg in args], code, None, {**os.environ, **(env or {})})
+    def python(cls, code: str, *args, env: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> Forked:
+        """``python -c CODE ARGS``, with ``env`` added to this process's environment, less the variables starting
+        with ``drop``."""
+        environment = {key: value for key, value in os.environ.items() if not (drop and key.startswith(drop))}
+        return cls("python", [str(arg) for arg in args], code, None, {**environment, **(env or {})})
 
     def kill(self) -> None:
         self._process.kill()

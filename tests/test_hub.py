@@ -6,9 +6,6 @@ Each test builds a hub cache in a temporary folder the way ``huggingface_hub`` l
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.running import Forked
 from timesformer_convert.errors import ClipError, DownloadError
 from timesformer_convert.hub import (
+    HUB_CACHE_VARIABLES,
     SPAGHETTI_FILE,
     SPAGHETTI_REPO,
+    hub_cache_dir,
     hub_state_dict,
     read_clip_array,
     spaghetti_clip_file,
@@ -85,13 +85,32 @@ def test_hub_home_and_offline_mode_come_from_the_environment(tmp_path, frames):
         "labels = read_label_file(hub_label_file(VARIANTS['timesformer-base-finetuned-k400']), 400)\n"
         "print(labels[399], len(read_clip_array(spaghetti_clip_file())))\n"
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
-    env.update({"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    # HF_HOME names the hub cache when the variables that come first are dropped.
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
 
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = Forked.python(script, env=env, drop=HUB_CACHE_VARIABLES).wait()
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["class", "399", "16"]
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({"HF_HUB_CACHE": "/a/hub", "HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/a/hub"),
+        ({"HUGGINGFACE_HUB_CACHE": "/a/old", "HF_HOME": "/b"}, "/a/old"),
+        ({"HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/b/hub"),
+        ({"XDG_CACHE_HOME": "/c"}, "/c/huggingface/hub"),
+        ({"HOME": "/home/someone"}, "/home/someone/.cache/huggingface/hub"),
+    ],
+)
+def test_the_hub_cache_folder_is_read_from_the_environment_when_used(environment, expected, monkeypatch):
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+
+    assert hub_cache_dir() == Path(expected)
 
 
 @pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])

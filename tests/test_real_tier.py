@@ -17,7 +17,7 @@ from tests.running import Options, failure_section, run_pytest
 from tests.test_hub import npy_bytes, populate_hub_cache
 from timesformer_convert.cache import CACHE_ENV
 from timesformer_convert.download import CHECKPOINT_DIR_ENV
-from timesformer_convert.hub import SPAGHETTI_FILE, SPAGHETTI_REPO
+from timesformer_convert.hub import HUB_CACHE_VARIABLES, SPAGHETTI_FILE, SPAGHETTI_REPO
 from timesformer_convert.variants import LABEL_REPO, VARIANTS
 
 SSV2 = VARIANTS["timesformer-base-finetuned-ssv2"]
@@ -26,8 +26,8 @@ SSV2 = VARIANTS["timesformer-base-finetuned-ssv2"]
 def run_real_tier(tmp_path, *options, own_hub: bool = False):
     """The real tier's tests with ``options``, with a cache of their own, and a hub folder too if ``own_hub``."""
     env, drop = {CACHE_ENV: str(tmp_path / "cache")}, ()
-    if own_hub:
-        env, drop = {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, ("HF_",)
+    if own_hub:  # HF_HOME names the hub cache when the variables that come first are dropped
+        env, drop = {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, HUB_CACHE_VARIABLES
     return run_pytest("tests/test_real.py", "-q", "-rfEs", *options, env=env, drop=drop)
 
 

@@ -2,8 +2,8 @@
 
 The spaghetti clip the reference logits were computed on, and the published transformers conversions of the released
 variants, are hub files. By default only the local hub cache is read, so an offline machine with a warm cache works
-(``HF_HOME`` / ``HF_HUB_CACHE`` say where that cache is); ``download=True`` lets ``huggingface_hub`` fetch what is
-missing.
+(``HF_HOME`` / ``HF_HUB_CACHE`` say where that cache is, read when a file is asked for); ``download=True`` lets
+``huggingface_hub`` fetch what is missing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,20 @@ SPAGHETTI_REPO = "hf-internal-testing/spaghetti-video"
 SPAGHETTI_FILE = "eating_spaghetti.npy"
 # The published conversions hold their weights in one of these files, looked for in this order.
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Name the hub cache folder itself, in this order; without them it is $HF_HOME/hub.
+HUB_CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache folder the environment names now: ``$HF_HUB_CACHE`` (or its older name
+    ``$HUGGINGFACE_HUB_CACHE``), else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+    ``~/.cache/huggingface/hub``. That is ``huggingface_hub``'s own order, which it reads once, on import; reading it
+    on each call honours a process that changes them later."""
+    cache = next((os.environ[name] for name in HUB_CACHE_VARIABLES if os.environ.get(name)), None)
+    if not cache:
+        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+        cache = os.path.join(home, "hub")
+    return Path(os.path.expanduser(os.path.expandvars(cache)))
 
 
 def hub_file(
@@ -41,6 +55,7 @@ def hub_file(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    cache_dir = cache_dir if cache_dir is not None else hub_cache_dir()
     try:
         path = hf_hub_download(
             repo_id, filename, repo_type=repo_type, cache_dir=cache_dir, local_files_only=not download

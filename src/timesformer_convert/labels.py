@@ -99,9 +99,17 @@ def hub_label_file(variant: Variant, download: bool = False) -> Path | None:
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency of transformers
         return None
+    from .hub import hub_cache_dir
+
     try:
         return Path(
-            hf_hub_download(LABEL_REPO, variant.label_file, repo_type="dataset", local_files_only=not download)
+            hf_hub_download(
+                LABEL_REPO,
+                variant.label_file,
+                repo_type="dataset",
+                cache_dir=hub_cache_dir(),
+                local_files_only=not download,
+            )
         )
     except LocalEntryNotFoundError:
         return None
