@@ -51,7 +51,13 @@ SYNTHETIC_VERSION = "2"
 FORWARD_BLOCKS = 1
 VARIANT_NAMES = list(VARIANTS)
 
-pytest_plugins = ["tests.plugins.real", "tests.plugins.golden", "tests.plugins.grouping", "tests.plugins.summary"]
+pytest_plugins = [
+    "tests.plugins.real",
+    "tests.plugins.golden",
+    "tests.plugins.grouping",
+    "tests.plugins.summary",
+    "tests.plugins.ending",
+]
 
 
 def pytest_addoption(parser):
