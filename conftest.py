@@ -56,6 +56,7 @@ pytest_plugins = [
     "tests.plugins.golden",
     "tests.plugins.grouping",
     "tests.plugins.summary",
+    "tests.plugins.processes",
     "tests.plugins.ending",
 ]
 

@@ -6,25 +6,29 @@ command does. ``run_cli_process`` runs it in a process of its own, for what only
 it, a run beside another. ``run_pytest`` runs this suite as a user or a CI job does, and ``once_per_run`` lets the
 tests of every xdist worker share one such run.
 
-Those processes are forked from a fork server that has imported torch, transformers' TimeSformer and pytest once: a
-child starts in milliseconds rather than the seconds a new interpreter spends on imports, and has none of this
-process's threads or state. What the server's imports read from the environment (huggingface_hub reads ``HF_*``) is
-fixed when it starts, so a run that changes those variables gets a new interpreter instead (the hub cache's folder
-excepted: this package reads it when used). So does ``run_cli_interpreter``, for what only a new interpreter shows:
-what a library prints while it is imported.
+Those processes are forked from the run's fork server (tests/forkserver.py), which has imported torch, transformers'
+TimeSformer and pytest once for all workers: a child starts in milliseconds rather than the seconds a new interpreter
+spends on imports, and has none of this process's threads or state. What the server's imports read from the
+environment (huggingface_hub reads ``HF_*``) is fixed when it starts, so a run that changes those variables gets a
+new interpreter instead (the hub cache's folder excepted: this package reads it when used). So does
+``run_cli_interpreter``, for what only a new interpreter shows: what a library prints while it is imported.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import io
 import json
-import multiprocessing
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,44 +97,70 @@ def _cli_environment() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
-# --- processes forked from a server that has done the slow imports --------------------------------------------------
+# --- processes forked from the server that has done the slow imports (tests/forkserver.py) -------------------------
 
-SERVER_IMPORTS = ["torch", "transformers.models.timesformer.modeling_timesformer", "timesformer_convert.cli", "pytest"]
+SERVER_ENV = "TIMESFORMER_SUITE_FORK_SERVER"  # the server's folder, inherited by xdist workers and forked runs
+SERVER_START_SECONDS = 300
 # Read from the environment while the server imports (huggingface_hub's settings); a child cannot change them. The
 # hub cache's folder is the exception: this package reads it when it asks for a file (hub.hub_cache_dir).
 READ_ON_IMPORT = ("HF_",)
 READ_WHEN_USED = ("HF_HOME", *HUB_CACHE_VARIABLES)
+_started: list[subprocess.Popen] = []
+
+
+def start_fork_server() -> None:
+    """Start a fork server for this process and every process it starts later (they inherit its folder through
+    SERVER_ENV). It loads in the background; the first command waits for it."""
+    folder = Path(tempfile.mkdtemp(prefix="fork-server-"))
+    imported = {key: value for key, value in os.environ.items() if key.startswith(READ_ON_IMPORT)}
+    (folder / "environment.json").write_text(json.dumps(imported))
+    with open(folder / "server.log", "w") as log:
+        command = [sys.executable, "-m", "tests.forkserver", str(folder)]
+        _started.append(subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+    os.environ[SERVER_ENV] = str(folder)
+
+
+def stop_fork_server() -> None:
+    """Stop the server this process started, if any (it would stop by itself once this process is gone)."""
+    while _started:
+        server = _started.pop()
+        server.terminate()
+        server.wait(timeout=30)
+    folder = os.environ.pop(SERVER_ENV, None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _server_folder() -> Path:
+    folder = os.environ.get(SERVER_ENV)
+    if not folder or not Path(folder).is_dir():  # a run without an xdist controller starts its own on first use
+        start_fork_server()
+        atexit.register(stop_fork_server)
+        folder = os.environ[SERVER_ENV]
+    return Path(folder)
 
 
 @functools.cache
-def _fork_server() -> tuple[multiprocessing.context.BaseContext, dict[str, str]]:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(SERVER_IMPORTS)
-    from multiprocessing import forkserver
-
-    forkserver.ensure_running()  # now, so that the environment recorded below is the one it started with
-    return context, {key: value for key, value in os.environ.items() if key.startswith(READ_ON_IMPORT)}
+def _server_environment(folder: Path) -> dict[str, str]:
+    return json.loads((folder / "environment.json").read_text())
 
 
-def _child(kind: str, argv: list[str], code: str, cwd: str, env: dict[str, str], out: str, err: str) -> None:
-    """The forked process: this environment and folder, stdout and stderr to files, then the command."""
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    for descriptor, path in ((1, out), (2, err)):
-        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(handle, descriptor)
-        os.close(handle)
-    if kind == "pytest":
-        import pytest
-
-        sys.exit(int(pytest.main(argv)))
-    if kind == "python":  # as ``python -c CODE ARGS``
-        sys.argv = ["-c", *argv]
-        exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
-        return
-    exec(compile(code, "<fault>", "exec"), {"__name__": "__fault__"})
-    sys.exit(main(argv))
+def _connect(folder: Path) -> socket.socket:
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while True:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.connect(str(folder / "socket"))
+            return connection
+        except (FileNotFoundError, ConnectionRefusedError):
+            connection.close()
+        if (folder / "failed").exists():
+            traceback = (folder / "failed").read_text()
+            raise RuntimeError(f"the fork server could not start: {traceback.splitlines()[-1]}\n{traceback}")
+        if time.monotonic() > deadline:
+            log = folder / "server.log"
+            raise TimeoutError(f"the fork server in {folder} did not listen within {SERVER_START_SECONDS} s: {log}")
+        time.sleep(0.02)
 
 
 class Forked:
@@ -138,21 +168,21 @@ class Forked:
     (minus the signal's number when a signal ended it, as subprocess reports)."""
 
     def __init__(self, kind: str, argv: list[str], code: str, cwd, env: dict[str, str]):
-        context, _ = _fork_server()
         if not self.can_run_with(env):
             raise ValueError("the environment changes HF_* variables the fork server read on import")
         self.argv = argv
         self._folder = tempfile.TemporaryDirectory(prefix="forked-")
         self._out, self._err = (os.path.join(self._folder.name, name) for name in ("stdout", "stderr"))
-        cwd = str(cwd or os.getcwd())
-        arguments = (kind, argv, code, cwd, env, self._out, self._err)
-        self._process = context.Process(target=_child, args=arguments, daemon=False)
-        self._process.start()
+        command = {"kind": kind, "argv": argv, "code": code, "cwd": str(cwd or os.getcwd()), "env": env}
+        self._connection = _connect(_server_folder())
+        self._connection.sendall(json.dumps({**command, "stdout": self._out, "stderr": self._err}).encode() + b"\n")
+        self._replies = self._connection.makefile("r")
+        self.pid = int(self._replies.readline())
 
     @classmethod
     def can_run_with(cls, env: dict[str, str]) -> bool:
         """Whether ``env`` agrees with the server's on the variables read on import."""
-        _, server = _fork_server()
+        server = _server_environment(_server_folder())
         names = {key for key in (*env, *server) if key.startswith(READ_ON_IMPORT) and key not in READ_WHEN_USED}
         return all(env.get(name) == server.get(name) for name in names)
 
@@ -172,18 +202,23 @@ class Forked:
         return cls("python", [str(arg) for arg in args], code, None, {**environment, **(env or {})})
 
     def kill(self) -> None:
-        self._process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
     def wait(self, timeout: float = 300) -> Completed:
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-            raise TimeoutError(f"{' '.join(self.argv)} did not finish in {timeout} s")
+        self._connection.settimeout(timeout)
+        try:
+            status = self._replies.readline()
+        except TimeoutError:
+            self.kill()
+            raise TimeoutError(f"{' '.join(self.argv)} did not finish in {timeout} s") from None
+        finally:
+            self._replies.close()
+            self._connection.close()
         with self._folder:
             printed = (Path(path).read_text() if os.path.exists(path) else "" for path in (self._out, self._err))
             stdout, stderr = printed
-        return Completed(self.argv, self._process.exitcode, stdout, stderr)
+        return Completed(self.argv, int(status), stdout, stderr)
 
 
 def shared_folder(tmp_path_factory) -> Path:
