@@ -179,11 +179,12 @@ class RealInputs:
 
     @staticmethod
     def _cached_clip() -> Path | None:
-        from huggingface_hub import hf_hub_download
+        from timesformer_convert.errors import DownloadError
+        from timesformer_convert.hub import spaghetti_clip_file
 
         try:
-            return Path(hf_hub_download(SPAGHETTI_REPO, SPAGHETTI_FILE, repo_type="dataset", local_files_only=True))
-        except OSError:  # LocalEntryNotFoundError: not in the local cache
+            return spaghetti_clip_file()
+        except DownloadError:  # not in the local hub cache
             return None
 
 
