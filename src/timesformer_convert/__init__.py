@@ -7,3 +7,6 @@ suite runs), ``download`` and ``cache`` (fetching released files), ``video`` (cl
 """
 
 __version__ = "0.1.0"
+# Bump when a conversion of the same input would change: it is written into every converted config and is part of
+# every cache key for conversions.
+CONVERTER_VERSION = "1"

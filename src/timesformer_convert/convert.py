@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import CONVERTER_VERSION
 from .checkpoint import read_state_dict
 from .config import ModelShape, check_variant, infer_shape
 from .errors import ConversionError, CoverageError, RuleError
@@ -32,7 +33,6 @@ from .variants import ORIGINAL_MEAN, ORIGINAL_STD, Variant
 
 logger = logging.getLogger(__name__)
 
-CONVERTER_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"

@@ -31,7 +31,6 @@ from pathlib import Path
 from filelock import FileLock
 
 from .cache import LOCK_TIMEOUT_SECONDS, build_once, cache_dir
-from .checkpoint import describe_text
 from .checksums import ChecksumLock, FileDigest, Hasher, default_lock_path, digest_file
 from .errors import DownloadError, IntegrityError
 from .variants import VARIANTS, Variant
@@ -251,6 +250,8 @@ def _drive_download(url: str, staging: Path, timeout: float, progress: bool) -> 
 
 def _check_payload(url: str, path: Path, digest: FileDigest, target: Path) -> None:
     """Refuse what is clearly not a checkpoint: an empty body, a web page or text, a zip archive cut short."""
+    from .checkpoint import describe_text  # here: checkpoint imports torch, which the rest of fetching does not need
+
     if digest.size == 0:
         raise DownloadError(f"{url}: the host sent an empty file (0 bytes); nothing was saved to {target}")
     with open(path, "rb") as handle:

@@ -33,6 +33,7 @@ from filelock import FileLock
 
 from .config import ModelShape
 from .convert import CONVERTER_VERSION, umask_mode
+from .hub import SPAGHETTI_FILE, SPAGHETTI_REPO
 from .inference import forward_with_states
 from .rules import strip_prefixes
 from .variants import ORIGINAL_MEAN, ORIGINAL_STD, Variant, get_variant
@@ -53,9 +54,7 @@ LOCK_TIMEOUT_SECONDS = 600
 # Objects of numbers this long or shorter (a hidden-state fingerprint) are written on one line.
 ONE_LINE_OBJECT = 160
 
-SPAGHETTI_CLIP = "spaghetti: hf-internal-testing/spaghetti-video eating_spaghetti.npy (16 frames, uint8 RGB)"
-SPAGHETTI_REPO = "hf-internal-testing/spaghetti-video"
-SPAGHETTI_FILE = "eating_spaghetti.npy"
+SPAGHETTI_CLIP = f"spaghetti: {SPAGHETTI_REPO} {SPAGHETTI_FILE} (16 frames, uint8 RGB)"
 SPAGHETTI_FRAMES = 16
 SEED_FRAMES = 8
 SEED_MEAN = (0.5, 0.5, 0.5)

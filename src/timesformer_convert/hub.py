@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ClipError, DownloadError
 from .variants import Variant
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ def read_clip_array(path: str | os.PathLike) -> list[np.ndarray]:
 
     Loaded without pickle. Raises ClipError naming the file when it is not such an array.
     """
+    import numpy as np
+
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -98,6 +102,8 @@ def hub_state_dict(variant: Variant, download: bool = False, cache_dir=None) -> 
     Reads ``model.safetensors``, else ``pytorch_model.bin`` (with ``weights_only=True``). Raises DownloadError when
     neither is available.
     """
+    import torch
+
     failures = []
     for filename in HUB_WEIGHT_FILES:
         try:
