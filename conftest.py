@@ -22,22 +22,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
-from timesformer_convert.cache import build_once, cache_dir
-from timesformer_convert.checkpoint import read_state_dict
-from timesformer_convert.convert import CONVERTER_VERSION, convert_checkpoint
+from timesformer_convert import CONVERTER_VERSION
+from timesformer_convert.cache import cache_dir
 from timesformer_convert.variants import VARIANTS
-from timesformer_convert.verify import (
-    ForwardOutputs,
-    converted_outputs,
-    native_clip,
-    reference_outputs,
-    shallow,
-    variant_seed,
-    variant_shape,
-    write_synthetic_checkpoint,
-)
 
 ROOT = Path(__file__).resolve().parent
 RUN_STARTED_ENV = "TIMESFORMER_SUITE_RUN_STARTED"
@@ -115,6 +103,8 @@ def pytest_configure(config):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:  # share the cores between workers instead of oversubscribing them with torch's threads
+        import torch
+
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     if not hasattr(config, "workerinput"):  # the controller; xdist workers inherit the variable
         os.environ[RUN_STARTED_ENV] = str(time.time())
@@ -163,12 +153,13 @@ def oracle_case_dir(request, oracle_case) -> Path:
 def _suite_key() -> str:
     """Versions that shape the cached artifacts, plus a digest of the package's own sources: a changed rule or writer
     must never be tested against conversions an older version made, even if nobody bumped CONVERTER_VERSION.
-    transformers is located, not imported: a run that needs no model should not pay for loading it."""
+    torch and transformers are located, not imported: a run that needs no model should not pay for loading them."""
     import timesformer_convert
 
+    version = importlib.metadata.version
     transformers_root = Path(importlib.util.find_spec("transformers").origin).parent
     digest = hashlib.sha256(
-        f"{SYNTHETIC_VERSION}|{CONVERTER_VERSION}|{torch.__version__}|{importlib.metadata.version('transformers')}".encode()
+        f"{SYNTHETIC_VERSION}|{CONVERTER_VERSION}|{version('torch')}|{version('transformers')}".encode()
     )
     sources = sorted(Path(timesformer_convert.__file__).parent.glob("*.py"))
     # transformers' TimeSformer code too, which an editable transformers install can change under the same version.
@@ -229,92 +220,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     )
 
 
-def _log_build(suite_cache: Path, kind: str, name: str, seconds: float) -> None:
-    line = json.dumps(
-        {
-            "kind": kind,
-            "name": name,
-            "seconds": round(seconds, 2),
-            "pid": os.getpid(),
-            "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
-            "time": time.time(),
-        }
-    )
-    with open(suite_cache / "builds.log", "a", encoding="utf-8") as log:
-        log.write(line + "\n")
-
-
-class Artifacts:
-    """Builds synthetic checkpoints and conversions on demand, each once per cache key."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._converted_outputs: dict[str, ForwardOutputs] = {}
-
-    def _once(self, kind: str, name: str, target: Path, build) -> Path:
-        started = time.perf_counter()
-        return build_once(
-            target, build, on_built=lambda _: _log_build(self.folder, kind, name, time.perf_counter() - started)
-        )
-
-    def checkpoint(self, variant: str, blocks: int | None = None) -> Path:
-        """Path of the synthetic checkpoint of ``variant`` (full depth, or its first ``blocks`` blocks)."""
-        shape = variant_shape(VARIANTS[variant])
-        if blocks is not None:
-            shape = shallow(shape, blocks)
-        name = f"{variant}-{shape.num_hidden_layers}blocks"
-        return self._once(
-            "checkpoint",
-            name,
-            self.folder / f"{name}.pyth",
-            lambda staging: write_synthetic_checkpoint(shape, staging, seed=variant_seed(variant)),
-        )
-
-    def converted(self, variant: str, blocks: int | None = None) -> Path:
-        """Folder of the conversion of :meth:`checkpoint` (declared as ``variant`` when at full depth)."""
-        source = self.checkpoint(variant, blocks)
-        declared = VARIANTS[variant] if blocks is None else None
-        name = source.stem
-        return self._once(
-            "conversion",
-            name,
-            self.folder / f"{name}-converted",
-            lambda staging: convert_checkpoint(source, staging, variant=declared),
-        )
-
-    def forward_shape(self, variant: str):
-        """The full-width, FORWARD_BLOCKS-deep shape used for forward passes at the variant's native input."""
-        return shallow(variant_shape(VARIANTS[variant]), FORWARD_BLOCKS)
-
-    def reference_outputs(self, variant: str) -> ForwardOutputs:
-        """The reference implementation's logits and hidden states on the variant's native clip, cached on disk:
-        they depend only on the synthetic weights, the clip and torch, all part of the cache key."""
-        shape = self.forward_shape(variant)
-        checkpoint = self.checkpoint(variant, FORWARD_BLOCKS)
-
-        def build(staging: Path) -> None:
-            reference_outputs(read_state_dict(checkpoint), shape, native_clip(shape)).save(staging)
-
-        return ForwardOutputs.load(
-            self._once("reference", checkpoint.stem, self.folder / f"{checkpoint.stem}-ref.st", build)
-        )
-
-    def converted_outputs(self, variant: str) -> ForwardOutputs:
-        """The converted model's logits and hidden states on the variant's native clip, computed once per cache key
-        and kept on disk like the reference's: what they depend on (the conversion, the clip, torch and transformers'
-        TimeSformer code) is all in the key, so a changed converter or library is always run afresh."""
-        if variant not in self._converted_outputs:
-            folder = self.converted(variant, FORWARD_BLOCKS)
-            clip_shape = self.forward_shape(variant)
-
-            def build(staging: Path) -> None:
-                converted_outputs(folder, native_clip(clip_shape)).save(staging)
-
-            path = self._once("outputs", folder.name, self.folder / f"{folder.name}-outputs.st", build)
-            self._converted_outputs[variant] = ForwardOutputs.load(path)
-        return self._converted_outputs[variant]
-
-
 @pytest.fixture(scope="session")
-def artifacts(suite_cache) -> Artifacts:
+def artifacts(suite_cache):
+    """The synthetic checkpoints, conversions and forward outputs of each variant (tests/artifacts.py)."""
+    from tests.artifacts import Artifacts  # imports torch and transformers, which the xdist controller never needs
+
     return Artifacts(suite_cache)

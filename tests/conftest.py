@@ -3,11 +3,12 @@
 import pytest
 
 from tests.loopback import LoopbackServer
-from tests.test_download import checkpoint_bytes
 
 
 @pytest.fixture(scope="module")
 def good_bytes() -> bytes:
+    from tests.test_download import checkpoint_bytes  # here: it imports torch, which the xdist controller never needs
+
     return checkpoint_bytes()
 
 
