@@ -212,12 +212,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     counts = Counter((entry["kind"], entry["name"]) for entry in entries)
     twice = sorted(f"{kind} {name} x{count}" for (kind, name), count in counts.items() if count > 1)
     kinds = Counter(kind for kind, _ in counts)
-    terminalreporter.write_sep("-", "synthetic artifacts")
-    terminalreporter.write_line(
-        f"built this run: {kinds['checkpoint']} checkpoints, {kinds['conversion']} conversions, "
+    built = (
+        f"{kinds['checkpoint']} checkpoints, {kinds['conversion']} conversions, "
         f"{kinds['reference'] + kinds['outputs']} forward passes "
-        f"({'each once' if not twice else 'REPEATED: ' + ', '.join(twice)}); cache: {folder}"
+        f"({'each once' if not twice else 'REPEATED: ' + ', '.join(twice)})"
     )
+    terminalreporter.write_sep("-", "synthetic artifacts")
+    built = built if entries else "nothing, everything was read from the cache"
+    terminalreporter.write_line(f"built this run: {built}; cache: {folder}")
 
 
 @pytest.fixture(scope="session")

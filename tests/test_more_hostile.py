@@ -270,4 +270,14 @@ def test_cache_info_counts_the_entries(tmp_path, monkeypatch, names, counted):
     result = run_cli("cache", "info")
 
     assert result.returncode == 0, result.stderr
-    assert f"{root} (set {CACHE_ENV} to move it): {counted}" in result.stdout
+    assert f"{root} (from {CACHE_ENV}): {counted}" in result.stdout
+
+
+def test_cache_info_says_how_to_move_the_default_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    result = run_cli("cache", "info")
+
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path / 'timesformer-convert'} (set {CACHE_ENV} to move it): 0 entries, " in result.stdout

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -312,7 +313,8 @@ def _command_cache(args) -> int:
         return 0
     entries, size = usage(root)
     noun = "entry" if entries == 1 else "entries"
-    print(f"{root} (set {CACHE_ENV} to move it): {entries} {noun}, {size / 2**20:.1f} MiB")
+    where = f"from {CACHE_ENV}" if os.environ.get(CACHE_ENV) else f"set {CACHE_ENV} to move it"
+    print(f"{root} ({where}): {entries} {noun}, {size / 2**20:.1f} MiB")
     return 0
 
 
