@@ -13,16 +13,15 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import socket
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tests.buildlog import builds_since, describe_builds
 from timesformer_convert import CONVERTER_VERSION
 from timesformer_convert.cache import cache_dir
 from timesformer_convert.variants import VARIANTS
@@ -193,32 +192,14 @@ def suite_cache() -> Path:
     return folder
 
 
-def builds_this_run(folder: Path, started: float) -> list[dict]:
-    """Entries of ``builds.log`` in ``folder`` written since ``started`` (a time.time() value)."""
-    log = folder / "builds.log"
-    if not log.exists():
-        return []
-    entries = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [entry for entry in entries if entry["time"] >= started]
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if hasattr(config, "workerinput") or RUN_STARTED_ENV not in os.environ:
         return
     folder = _suite_folder()
     if not folder.exists():
         return
-    entries = builds_this_run(folder, float(os.environ[RUN_STARTED_ENV]))
-    counts = Counter((entry["kind"], entry["name"]) for entry in entries)
-    twice = sorted(f"{kind} {name} x{count}" for (kind, name), count in counts.items() if count > 1)
-    kinds = Counter(kind for kind, _ in counts)
-    built = (
-        f"{kinds['checkpoint']} checkpoints, {kinds['conversion']} conversions, "
-        f"{kinds['reference'] + kinds['outputs']} forward passes "
-        f"({'each once' if not twice else 'REPEATED: ' + ', '.join(twice)})"
-    )
+    built = describe_builds(builds_since(folder, float(os.environ[RUN_STARTED_ENV])))
     terminalreporter.write_sep("-", "synthetic artifacts")
-    built = built if entries else "nothing, everything was read from the cache"
     terminalreporter.write_line(f"built this run: {built}; cache: {folder}")
 
 

@@ -36,6 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VARIANT = "timesformer-base-finetuned-k400"
 
+sys.path.insert(0, str(ROOT))
+from tests.buildlog import builds_since  # noqa: E402  (the suite's record of what it built)
+
 REFERENCE_METHOD = textwrap.dedent(
     """
     import sys, torch
@@ -176,9 +179,7 @@ def run_suite(cache: Path, workers: str) -> dict:
         text=True,
     )
     seconds = time.perf_counter() - started
-    built = 0
-    for log in cache.glob("suite-*/builds.log"):
-        built += sum(json.loads(line)["time"] >= begun for line in log.read_text().splitlines() if line.strip())
+    built = sum(len(builds_since(folder, begun)) for folder in cache.glob("suite-*"))
     lines = run.stdout.strip().splitlines()
     return {"seconds": seconds, "exit": run.returncode, "builds": built, "summary": lines[-1] if lines else ""}
 

@@ -7,12 +7,11 @@ appended to ``builds.log`` there, so a run can count what it built.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 from conftest import FORWARD_BLOCKS
+from tests.buildlog import record_build
 from timesformer_convert.cache import build_once
 from timesformer_convert.checkpoint import read_state_dict
 from timesformer_convert.convert import convert_checkpoint
@@ -29,21 +28,6 @@ from timesformer_convert.verify import (
 )
 
 
-def _log_build(suite_cache: Path, kind: str, name: str, seconds: float) -> None:
-    line = json.dumps(
-        {
-            "kind": kind,
-            "name": name,
-            "seconds": round(seconds, 2),
-            "pid": os.getpid(),
-            "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
-            "time": time.time(),
-        }
-    )
-    with open(suite_cache / "builds.log", "a", encoding="utf-8") as log:
-        log.write(line + "\n")
-
-
 class Artifacts:
     """Builds synthetic checkpoints and conversions on demand, each once per cache key."""
 
@@ -54,7 +38,7 @@ class Artifacts:
     def _once(self, kind: str, name: str, target: Path, build) -> Path:
         started = time.perf_counter()
         return build_once(
-            target, build, on_built=lambda _: _log_build(self.folder, kind, name, time.perf_counter() - started)
+            target, build, on_built=lambda _: record_build(self.folder, kind, name, time.perf_counter() - started)
         )
 
     def checkpoint(self, variant: str, blocks: int | None = None) -> Path:
