@@ -49,10 +49,11 @@ def run_command(command: dict) -> None:
         sys.argv = ["-c", *argv]
         exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
         return
-    from timesformer_convert.cli import main
+    from timesformer_convert.cli import script  # the installed command's entry point, signal handling included
 
     exec(compile(code, "<fault>", "exec"), {"__name__": "__fault__"})
-    sys.exit(main(argv))
+    sys.argv = ["timesformer-convert", *argv]
+    sys.exit(script())
 
 
 def _exit_status(error: SystemExit) -> int:

@@ -165,14 +165,14 @@ def test_existing_output_is_kept_without_overwrite(tiny_checkpoint, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_overwrite_replaces_the_folder(tiny_checkpoint, tmp_path):
+def test_overwrite_replaces_an_earlier_output(tiny_checkpoint, tmp_path):
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
+    (tmp_path / "out" / "config.json").write_text("old")
 
     result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", "--overwrite")
 
     assert result.returncode == 0, result.stderr
-    assert not (tmp_path / "out" / "stale.txt").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "timesformer"
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 

@@ -349,8 +349,17 @@ def _folder_holding_the_checkpoint(tmp_path):
     return tmp_path, "holds the checkpoint"
 
 
+def _folder_with_other_files(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    (project / "notes.txt").write_text("mine")
+    return project, "holds files a conversion never writes (notes.txt)"
+
+
 NOT_OUTPUTS = {
     "a-file": _file,
+    "a-folder-with-other-files": _folder_with_other_files,
     "a-symlink": _symlink,
     "a-folder-with-subfolders": _folder_with_subfolders,
     "the-folder-holding-the-checkpoint": _folder_holding_the_checkpoint,
@@ -381,3 +390,104 @@ def test_overwrite_refuses_the_working_folder(tmp_path, checkpoints):
     assert result.returncode == 1
     assert "holds the current folder" in result.stderr
     assert sorted(path.name for path in work.iterdir()) == ["keep.txt"]
+
+
+def test_overwrite_refuses_the_folder_a_declared_variant_is_read_from(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "TimeSformer_divST_8x32_224_K400.pyth").write_bytes(b"the only copy")
+    before = snapshot(folder)
+
+    result = run_cli(
+        "convert",
+        "--variant",
+        "timesformer-base-finetuned-k400",
+        "--checkpoint-dir",
+        folder,
+        "--out",
+        folder,
+        "--overwrite",
+    )
+
+    assert result.returncode == 1
+    assert "--overwrite replaces only an earlier output folder" in result.stderr
+    assert snapshot(folder) == before
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, checkpoints, monkeypatch):
+    monkeypatch.setattr(convert_module.os, "access", lambda path, mode: Path(path) != tmp_path)
+
+    result = run_cli("convert", tmp_path / "missing.pyth", "--out", tmp_path / "new" / "out")
+
+    assert result.returncode == 1
+    assert (
+        result.stderr == f"error: {tmp_path / 'new' / 'out'}: cannot be written, {tmp_path} is not writable; "
+        "choose another --out\n"
+    )
+    assert not (tmp_path / "new").exists()
+
+
+# --- SIGINT and SIGTERM in the installed command --------------------------------------------------------------------
+
+SIGNAL_AT = {
+    # Part of the weights are on disk.
+    "writing-weights": (
+        "import os, signal\n"
+        "from timesformer_convert import convert\n"
+        "real = convert.write_safetensors\n"
+        "def write(path, tensors, metadata=None):\n"
+        "    real(path, tensors, metadata)\n"
+        "    os.kill(os.getpid(), signal.{name})\n"
+        "convert.write_safetensors = write\n"
+    ),
+    # The new output has just been moved into place; the old one waits to be deleted.
+    "moving-into-place": (
+        "import os, signal\n"
+        "from timesformer_convert import convert\n"
+        "real = convert._replace\n"
+        "def replace(staging, out_dir):\n"
+        "    real(staging, out_dir)\n"
+        "    os.kill(os.getpid(), signal.{name})\n"
+        "convert._replace = replace\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_writing_leaves_the_earlier_output_and_no_leftover(earlier_output, checkpoints, name):
+    before = snapshot(earlier_output)
+
+    result = run_cli_process(
+        "convert",
+        checkpoints["new"],
+        "--out",
+        earlier_output,
+        "--overwrite",
+        code=SIGNAL_AT["writing-weights"].format(name=name),
+    )
+
+    assert result.returncode == 128 + getattr(signal, name), result.stderr
+    assert result.stderr.splitlines()[-1] == "error: interrupted; no output was written"
+    assert snapshot(earlier_output) == before
+    assert leftovers(earlier_output) == []
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_output_is_moved_into_place_waits_until_it_is_complete(earlier_output, checkpoints, name):
+    result = run_cli_process(
+        "convert",
+        checkpoints["new"],
+        "--out",
+        earlier_output,
+        "--overwrite",
+        code=SIGNAL_AT["moving-into-place"].format(name=name),
+    )
+
+    assert result.returncode == 128 + getattr(signal, name), result.stderr
+    assert (
+        result.stderr.splitlines()[-1]
+        == f"error: interrupted after {earlier_output} was written; the output there is complete"
+    )
+    assert sorted(path.name for path in earlier_output.iterdir()) == sorted(OUTPUT_FILES)
+    assert torch.equal(head_weight(earlier_output), expected_head(checkpoints["new"]))
+    assert leftovers(earlier_output) == []

@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from .errors import CheckpointError, ConversionError
+from .errors import CheckpointError, ConversionError, Terminated
 
 logger = logging.getLogger("timesformer_convert")
 
@@ -273,11 +274,19 @@ def _command_convert(args) -> int:
     variant = get_variant(args.variant) if args.variant else None
     check_output(args.out, args.overwrite, args.source)
     if args.labels is not None and not args.labels.is_file():
-        what = "is a directory, not a label file" if args.labels.is_dir() else "label file not found"
+        what = (
+            "is a directory, not a label file"
+            if args.labels.is_dir()
+            else "is not a regular file"
+            if args.labels.exists()
+            else "label file not found"
+        )
         raise ConversionError(f"{args.labels}: {what}; give a JSON file mapping class index to name")
 
     started = time.perf_counter()
     path, original_name = _checkpoint_source(args, variant)
+    # Checked again now that the file is known: --checkpoint-dir or the cache may have supplied it.
+    check_output(args.out, args.overwrite, path)
     shown = args.source or str(path)
     try:
         state_dict = read_state_dict(path)
@@ -294,13 +303,28 @@ def _command_convert(args) -> int:
     if labels:
         config = transformers_config(shape, variant, labels)
     metadata = {"source_file": original_name, "variant": variant.name if variant else ""}
-    write_output(args.out, tensors, config, shape.image_size, metadata, overwrite=args.overwrite)
-    frames = shape.num_frames if shape.num_frames is not None else config.num_frames
-    print(
-        f"converted {shown} -> {args.out}: {len(tensors)} tensors, {shape.attention_type}, "
-        f"{frames} frames x {shape.image_size} px, {shape.num_labels} labels"
-        f"{' (named)' if labels else ''}, {time.perf_counter() - started:.1f} s"
-    )
+    complete = []
+    try:
+        write_output(
+            args.out,
+            tensors,
+            config,
+            shape.image_size,
+            metadata,
+            overwrite=args.overwrite,
+            source=path,
+            on_complete=lambda: complete.append(True),
+        )
+        frames = shape.num_frames if shape.num_frames is not None else config.num_frames
+        print(
+            f"converted {shown} -> {args.out}: {len(tensors)} tensors, {shape.attention_type}, "
+            f"{frames} frames x {shape.image_size} px, {shape.num_labels} labels"
+            f"{' (named)' if labels else ''}, {time.perf_counter() - started:.1f} s"
+        )
+    except KeyboardInterrupt as interrupt:
+        if complete:
+            raise type(interrupt)(f"interrupted after {args.out} was written; the output there is complete") from None
+        raise
     return 0
 
 
@@ -393,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                 logger.exception("failed")
             print(f"error: {_one_line(error)}", file=sys.stderr)
             return EXIT_FAILED
-        except KeyboardInterrupt:
-            print("error: interrupted; no output was written", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as interrupt:
+            print(f"error: {interrupt.args[0] if interrupt.args else _interrupted(args)}", file=sys.stderr)
+            return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
         except Exception as error:  # an input the checks above did not foresee: still one line
             if args.debug:
                 logger.exception("failed")
@@ -406,9 +430,32 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
 
 
+def _interrupted(args) -> str:
+    """What an interrupt left behind, by command."""
+    if args.command == "convert":
+        return "interrupted; no output was written"
+    if args.command == "selfcheck" and args.work_dir is not None:
+        return f"interrupted; what was built so far stays in {args.work_dir}"
+    return "interrupted"
+
+
+def _terminate(_number, _frame):
+    raise Terminated()
+
+
 def script() -> int:
-    """The ``timesformer-convert`` command: :func:`main` on this process's arguments, before the process exits."""
-    status = main()
+    """The ``timesformer-convert`` command: :func:`main` on this process's arguments, before the process exits.
+
+    SIGTERM is handled like Ctrl-C (the same clean-up, exit status 143); once :func:`main` has returned, both are
+    ignored, so that an interrupt while the interpreter shuts down prints no traceback."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        status = main()
+    except KeyboardInterrupt as interrupt:  # before a command began: parsing the arguments, importing
+        print("error: interrupted", file=sys.stderr)
+        status = 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Nothing needs collecting any more. Freezing the heap spares the interpreter's last garbage collections a walk
     # over every object torch and transformers created: up to a second of exit time.
     gc.freeze()

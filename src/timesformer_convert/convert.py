@@ -8,16 +8,19 @@ that is moved into place only once complete and re-read.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,14 +231,15 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False, source: st
     """Refuse an output path whose replacement could lose something. Called before any work and again before writing.
 
     Raises FileExistsError when ``out_dir`` exists and ``overwrite`` is false. With ``overwrite``, raises
-    ConversionError unless ``out_dir`` is a plain folder without subfolders (what a conversion writes) that neither
-    holds ``source`` nor the current working folder.
+    ConversionError unless ``out_dir`` is a folder holding nothing but the files a conversion writes (or nothing),
+    and neither ``source`` nor the current working folder.
     """
     out_dir = Path(out_dir)
     if not out_dir.exists() and not out_dir.is_symlink():
         ancestor = next(parent for parent in out_dir.absolute().parents if parent.exists())
         if not ancestor.is_dir():
             raise ConversionError(f"{out_dir}: cannot be created, {ancestor} is not a folder; choose another --out")
+        _check_writable(out_dir, ancestor)
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir}: already exists; pass --overwrite to replace it, or choose another --out")
@@ -251,11 +255,27 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False, source: st
     for name, path in protected.items():
         if path == target or target in path.parents:
             raise ConversionError(f"{out_dir}: holds {name} ({path}); {refuse}")
-    subfolders = sorted(entry.name for entry in out_dir.iterdir() if entry.is_dir())
+    entries = sorted(out_dir.iterdir())
+    subfolders = [entry.name for entry in entries if entry.is_dir()]
     if subfolders:
         raise ConversionError(
-            f"{out_dir}: holds folders ({', '.join(subfolders)}), which a conversion never writes; {refuse}"
+            f"{out_dir}: holds folders ({_some(subfolders)}), which a conversion never writes; {refuse}"
         )
+    others = [entry.name for entry in entries if entry.name not in OUTPUT_FILES]
+    if others:
+        raise ConversionError(f"{out_dir}: holds files a conversion never writes ({_some(others)}); {refuse}")
+    _check_writable(out_dir, out_dir.absolute().parent)
+
+
+def _check_writable(out_dir: Path, folder: Path) -> None:
+    """The output is written beside ``out_dir`` first, so ``folder`` (its parent, or the nearest one that exists)
+    must take new entries; checked before any work rather than after it."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConversionError(f"{out_dir}: cannot be written, {folder} is not writable; choose another --out")
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -293,7 +313,7 @@ def _replace(staging: Path, out_dir: Path) -> None:
                 "or choose another --out"
             ) from e
     elif _exchange(staging, out_dir):
-        shutil.rmtree(staging, ignore_errors=True)  # it now holds the old output
+        pass  # ``staging`` now holds the old output, for the caller to delete
     else:
         retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, retired / "old")
@@ -304,6 +324,29 @@ def _replace(staging: Path, out_dir: Path) -> None:
             retired.rmdir()
             raise
         shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM off until the block ends, then deliver them as they would have been.
+
+    Guards the few steps that put a finished output in place and delete the one it replaced: an interrupt there could
+    otherwise leave the caller believing nothing was written. Python runs signal handlers in the main thread only, so
+    elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, _frame: arrived.append(number)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)
 
 
 def umask_mode(mode: int) -> int:
@@ -330,6 +373,8 @@ def write_output(
     image_size: int,
     metadata: Mapping[str, str],
     overwrite: bool = False,
+    source: str | os.PathLike | None = None,
+    on_complete: Callable[[], None] | None = None,
 ) -> Path:
     """Write weights, config and preprocessor config to a temporary folder beside ``out_dir`` and move it into place.
 
@@ -338,10 +383,15 @@ def write_output(
     (see :func:`check_output`). A process killed part-way leaves its ``.NAME.partial-*`` folder behind: nothing reads
     it as output, and it is not deleted by later runs, which cannot tell it from the folder of a conversion still
     running; they log a warning naming it. Raises FileExistsError (without writing anything) when ``out_dir`` exists
-    and ``overwrite`` is false, ConversionError when it must not be replaced.
+    and ``overwrite`` is false, ConversionError when it must not be replaced (see :func:`check_output`, which is
+    given ``source``).
+
+    An interrupt (SIGINT or SIGTERM) while the output is moved into place is delivered once that is done, after
+    ``on_complete`` is called: a caller can tell an interrupt that left the new output complete from one that left
+    nothing written.
     """
     out_dir = Path(out_dir)
-    check_output(out_dir, overwrite)
+    check_output(out_dir, overwrite, source)
     leftovers = leftover_staging(out_dir)
     if leftovers:
         logger.warning(
@@ -364,7 +414,11 @@ def write_output(
         config.to_json_file(staging / CONFIG_NAME)
         (staging / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_config(image_size), indent=2) + "\n")
         _check_written(staging, tensors)
-        _replace(staging, out_dir)
+        with _signals_deferred():
+            _replace(staging, out_dir)
+            if on_complete is not None:
+                on_complete()
+            shutil.rmtree(staging, ignore_errors=True)  # the output it replaced, if any
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -439,7 +493,7 @@ def convert_checkpoint(
         "variant": variant.name if variant else "",
         **(extra_metadata or {}),
     }
-    write_output(out_dir, tensors, config, shape.image_size, metadata, overwrite=overwrite)
+    write_output(out_dir, tensors, config, shape.image_size, metadata, overwrite=overwrite, source=source)
     report = ConversionReport(
         source=str(source),
         output=str(out_dir),

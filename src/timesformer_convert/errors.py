@@ -34,3 +34,8 @@ class IntegrityError(DownloadError):
 
 class ClipError(ValueError):
     """A video clip could not be read or turned into model input."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a CI job cancelled, a container stopped). Raised like Ctrl-C's KeyboardInterrupt, so that the
+    same clean-up runs: temporary folders are removed and nothing half-written is left as output."""
