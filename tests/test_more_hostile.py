@@ -4,6 +4,7 @@ Each refusal is one ``error:`` line naming the file or argument, a non-zero exit
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,10 @@ def test_space_only_without_frame_count_is_refused():
         (["--num-frames", "-1"], "--num-frames: expected a positive whole number, got '-1'"),
         (["--timeout", "nan"], "--timeout: expected a positive number of seconds, got 'nan'"),
         (["--timeout", "inf"], "--timeout: expected at most 86400 seconds, got 'inf'"),
+        (["--out", ""], "argument --out: is empty; give a path"),
+        (["--labels", " "], "argument --labels: is empty; give a path"),
     ],
-    ids=["heads-0", "heads-text", "frames-negative", "timeout-nan", "timeout-inf"],
+    ids=["heads-0", "heads-text", "frames-negative", "timeout-nan", "timeout-inf", "out-empty", "labels-blank"],
 )
 def test_bad_argument_values_are_one_line_usage_errors(tiny_checkpoint, tmp_path, args, fragment):
     result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", *args)
@@ -141,6 +144,12 @@ def test_label_directory_is_named_as_one(tiny_checkpoint, tmp_path):
     result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", "--labels", tmp_path / "labels")
 
     assert_one_line_error(result, "labels: is a directory, not a label file")
+
+
+def test_label_device_is_named_as_not_a_file(tiny_checkpoint, tmp_path):
+    result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", "--labels", os.devnull)
+
+    assert_one_line_error(result, f"{os.devnull}: is not a regular file")
 
 
 # --- URLs ------------------------------------------------------------------------------------------------------------

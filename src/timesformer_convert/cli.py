@@ -61,6 +61,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message}; see {self.prog} --help\n")
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one (an unset shell variable, say) would otherwise mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="timesformer-convert",
@@ -82,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         help="original checkpoint: a file (.pyth / .pth) or an http(s) URL; leave it out to fetch --variant's own",
     )
-    convert.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
+    convert.add_argument("--out", required=True, type=_path, help="output folder (must not exist unless --overwrite)")
     convert.add_argument("--variant", help="declared variant; its shape is checked against the checkpoint's")
     convert.add_argument("--num-attention-heads", type=_positive, help="heads per layer (default: hidden size / 64)")
     convert.add_argument("--num-frames", type=_positive, help="frame count for space-only models (no time embedding)")
-    convert.add_argument("--labels", type=Path, help='JSON label map {"0": "name", ...} to put in config.json')
+    convert.add_argument("--labels", type=_path, help='JSON label map {"0": "name", ...} to put in config.json')
     convert.add_argument(
         "--fetch-labels", action="store_true", help="download the variant's label map from the Hugging Face hub"
     )
@@ -94,13 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     downloads = convert.add_argument_group("downloads")
     downloads.add_argument(
         "--checkpoint-dir",
-        type=Path,
+        type=_path,
         help="folder of downloaded original checkpoints, looked in before downloading (default: "
         "$TIMESFORMER_CHECKPOINT_DIR)",
     )
     downloads.add_argument(
         "--checksums",
-        type=Path,
+        type=_path,
         help="checksums lock file (default: $TIMESFORMER_CHECKSUMS, else checksums.json of the source checkout)",
     )
     downloads.add_argument(
@@ -140,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     selfcheck.add_argument(
         "--work-dir",
-        type=Path,
+        type=_path,
         help="keep checkpoints and conversions here, about 1 GB a variant (default: temporary)",
     )
-    selfcheck.add_argument("--json", type=Path, help="also write the table as JSON to this file")
+    selfcheck.add_argument("--json", type=_path, help="also write the table as JSON to this file")
     return parser
 
 
