@@ -305,16 +305,18 @@ def _command_convert(args) -> int:
 
 
 def _command_cache(args) -> int:
-    from .cache import CACHE_ENV, cache_dir, clean, usage
+    from .cache import CACHE_ENV, cache_location, clean, usage
 
-    root = cache_dir()
+    # Neither action creates the folder: looking at a cache that is not there yet must not make one.
+    root = cache_location()
     if args.action == "clean":
         print(f"removed {clean(root) / 2**20:.1f} MiB from {root}")
         return 0
     entries, size = usage(root)
     noun = "entry" if entries == 1 else "entries"
     where = f"from {CACHE_ENV}" if os.environ.get(CACHE_ENV) else f"set {CACHE_ENV} to move it"
-    print(f"{root} ({where}): {entries} {noun}, {size / 2**20:.1f} MiB")
+    missing = "" if root.exists() else " (the folder does not exist yet)"
+    print(f"{root} ({where}): {entries} {noun}, {size / 2**20:.1f} MiB{missing}")
     return 0
 
 
