@@ -181,7 +181,7 @@ def _command_rules(args) -> int:
 
 
 def _resolve_labels(args, variant, num_labels):
-    from .labels import hub_label_file, read_label_file
+    from .labels import hub_label_absence, hub_label_file, read_hub_label_file, read_label_file
 
     if args.labels is not None:
         return read_label_file(args.labels, num_labels)
@@ -192,13 +192,13 @@ def _resolve_labels(args, variant, num_labels):
     if path is None:
         how = "pass --labels FILE" if args.fetch_labels else "pass --labels FILE or --fetch-labels"
         logger.warning(
-            "no label map for %s (%s not in the hub cache): config.json gets generic LABEL_N names; %s",
+            "no label map for %s (%s): config.json gets generic LABEL_N names; %s",
             variant.name,
-            variant.label_file,
+            hub_label_absence(variant),
             how,
         )
         return None
-    return read_label_file(path, num_labels)
+    return read_hub_label_file(path, num_labels)
 
 
 def _warn_about_guesses(args, variant, shape) -> None:
