@@ -20,7 +20,7 @@ import torch
 
 from tests.loopback import QUOTA_PAGE, LoopbackServer, Route
 from tests.running import Forked
-from timesformer_convert.cache import CACHE_ENV
+from timesformer_convert.cache import CACHE_ENV, CACHE_TAG
 from timesformer_convert.checkpoint import read_state_dict
 from timesformer_convert.checksums import ChecksumLock, FileDigest
 from timesformer_convert.config import DIVIDED, ModelShape
@@ -65,10 +65,12 @@ def loopback_variant(url: str, seed_url: str | None = None):
 
 
 def cached_files(cache: Path) -> list[str]:
-    """Every file and folder in the cache except lock files (which hold no data and are never trusted)."""
+    """Every file and folder in the cache except lock files and the cache's tag (which hold no data and are never
+    trusted)."""
     if not cache.exists():
         return []
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock")
+    kept = (p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock" and p != cache / CACHE_TAG)
+    return sorted(str(p.relative_to(cache)) for p in kept)
 
 
 @pytest.fixture

@@ -6,7 +6,10 @@ Each test builds a hub cache in a temporary folder the way ``huggingface_hub`` l
 """
 
 import json
+import logging
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.running import Forked
-from timesformer_convert.errors import ClipError, DownloadError
+from timesformer_convert.errors import ClipError, ConversionError, DownloadError
 from timesformer_convert.hub import (
     HUB_CACHE_VARIABLES,
     SPAGHETTI_FILE,
@@ -150,3 +153,56 @@ def test_a_clip_array_that_is_not_frames_is_refused(tmp_path, array, fragment):
 
     with pytest.raises(ClipError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         read_clip_array(path)
+
+
+# --- label maps from the hub cache, as `convert --variant` looks them up ------------------------------------------
+
+K400 = VARIANTS["timesformer-base-finetuned-k400"]
+
+
+def resolve_hub_labels(hub_cache: Path, monkeypatch):
+    """What ``convert --variant`` (without --labels or --fetch-labels) makes of the hub cache ``hub_cache``."""
+    from timesformer_convert.cli import _resolve_labels
+
+    for name in HUB_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    return _resolve_labels(SimpleNamespace(labels=None, fetch_labels=False), K400, K400.num_labels)
+
+
+def test_a_label_map_missing_from_the_hub_cache_names_the_folder(tmp_path, monkeypatch, caplog):
+    (tmp_path / "hub").mkdir()
+
+    with caplog.at_level(logging.WARNING, logger="timesformer_convert"):
+        assert resolve_hub_labels(tmp_path / "hub", monkeypatch) is None
+
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert f"{K400.label_file} not in the hub cache {tmp_path / 'hub'}" in warning
+    assert "pass --labels FILE or --fetch-labels" in warning
+
+
+def test_an_unreadable_hub_cache_folder_is_called_unreadable(tmp_path, monkeypatch, caplog):
+    hub_cache = tmp_path / "hub"
+    hub_cache.mkdir()
+    access = os.access
+    # Permissions alone cannot show this when the suite runs as root, which reads any folder.
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: Path(path) != hub_cache and access(path, mode))
+
+    with caplog.at_level(logging.WARNING, logger="timesformer_convert"):
+        assert resolve_hub_labels(hub_cache, monkeypatch) is None
+
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert f"cannot read the hub cache folder {hub_cache}" in warning
+    assert "not in the hub cache" not in warning
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"\xff\xfe"], ids=["not-json", "not-text"])
+def test_a_damaged_cached_label_map_names_the_file_and_the_remedy(tmp_path, monkeypatch, data):
+    snapshot = populate_hub_cache(tmp_path / "hub", LABEL_REPO, {K400.label_file: data}, "dataset")
+
+    with pytest.raises(ConversionError) as refused:
+        resolve_hub_labels(tmp_path / "hub", monkeypatch)
+
+    message = str(refused.value)
+    assert message.startswith(f"{snapshot / K400.label_file}: the label file is not valid JSON")
+    assert "delete it" in message and "pass --labels FILE" in message

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.running import Completed, failure_section, once_per_run, run_pytest, shared_folder
+from tests.running import ROOT, Completed, failure_section, once_per_run, run_pytest, shared_folder
 from tests.test_golden import BASE, PERTURBED_GOLDENS, copy_golden, perturb
 from timesformer_convert.golden import golden_path
 from timesformer_convert.variants import VARIANTS
@@ -43,6 +43,12 @@ def plain_run(tmp_path_factory, golden_store) -> PlainRun:
     return PlainRun(goldens, once_per_run(tmp_path_factory, "plain-run", make))
 
 
+def shown_as(path: Path) -> Path:
+    """``path`` as the run prints it: relative to the checkout, where it runs, when it lies inside it (a TMPDIR
+    inside the checkout), else as given."""
+    return path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
+
+
 def skip_lines(result: Completed) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.startswith("SKIPPED [")]
 
@@ -57,7 +63,7 @@ def test_golden_perturbed_by_1e3_fails_the_run(variant, value, divergent, plain_
     # plain_run's golden folder holds this variant's golden with ``value`` moved by 1e-3.
     result = plain_run.result
     section = failure_section(result.stdout, f"test_synthetic_golden[{variant}]")
-    target = golden_path(plain_run.goldens, "synthetic", variant)
+    target = shown_as(golden_path(plain_run.goldens, "synthetic", variant))
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{variant}: the converted model's outputs differ from the synthetic golden {target}" in section

@@ -189,7 +189,7 @@ def _command_rules(args) -> int:
 
 
 def _resolve_labels(args, variant, num_labels):
-    from .labels import hub_label_file, read_label_file
+    from .labels import hub_label_absence, hub_label_file, read_hub_label_file, read_label_file
 
     if args.labels is not None:
         return read_label_file(args.labels, num_labels)
@@ -200,13 +200,13 @@ def _resolve_labels(args, variant, num_labels):
     if path is None:
         how = "pass --labels FILE" if args.fetch_labels else "pass --labels FILE or --fetch-labels"
         logger.warning(
-            "no label map for %s (%s not in the hub cache): config.json gets generic LABEL_N names; %s",
+            "no label map for %s (%s): config.json gets generic LABEL_N names; %s",
             variant.name,
-            variant.label_file,
+            hub_label_absence(variant),
             how,
         )
         return None
-    return read_label_file(path, num_labels)
+    return read_hub_label_file(path, num_labels)
 
 
 def _warn_about_guesses(args, variant, shape) -> None:
@@ -336,16 +336,18 @@ def _command_convert(args) -> int:
 
 
 def _command_cache(args) -> int:
-    from .cache import CACHE_ENV, cache_dir, clean, usage
+    from .cache import CACHE_ENV, cache_location, clean, usage
 
-    root = cache_dir()
+    # Neither action creates the folder: looking at a cache that is not there yet must not make one.
+    root = cache_location()
     if args.action == "clean":
         print(f"removed {clean(root) / 2**20:.1f} MiB from {root}")
         return 0
     entries, size = usage(root)
     noun = "entry" if entries == 1 else "entries"
     where = f"from {CACHE_ENV}" if os.environ.get(CACHE_ENV) else f"set {CACHE_ENV} to move it"
-    print(f"{root} ({where}): {entries} {noun}, {size / 2**20:.1f} MiB")
+    missing = "" if root.exists() else " (the folder does not exist yet)"
+    print(f"{root} ({where}): {entries} {noun}, {size / 2**20:.1f} MiB{missing}")
     return 0
 
 

@@ -116,3 +116,28 @@ def hub_label_file(variant: Variant, download: bool = False) -> Path | None:
     except Exception as e:  # the hub client raises many types for network and permission failures
         logger.warning("could not get %s from the hub dataset %s: %s", variant.label_file, LABEL_REPO, e)
         return None
+
+
+def hub_label_absence(variant: Variant) -> str:
+    """Why :func:`hub_label_file` found no label file for ``variant``: the hub cache folder it searched was unreadable,
+    or did not hold the file. Names the folder."""
+    from .hub import hub_cache_dir
+
+    folder = hub_cache_dir()
+    repo = folder / f"datasets--{LABEL_REPO.replace('/', '--')}"
+    # A folder that cannot be listed looks the same as an empty one to huggingface_hub.
+    for searched in (folder, repo):
+        if searched.is_dir() and not os.access(searched, os.R_OK | os.X_OK):
+            return f"cannot read the hub cache folder {searched}; fix its permissions"
+    return f"{variant.label_file} not in the hub cache {folder}"
+
+
+def read_hub_label_file(path: str | os.PathLike, num_labels: int | None = None) -> dict[int, str]:
+    """:func:`read_label_file` for a file :func:`hub_label_file` found: a cached copy that cannot be used is an error
+    naming it and saying how to get past it."""
+    try:
+        return read_label_file(path, num_labels)
+    except ConversionError as e:
+        raise ConversionError(
+            f"{e}; it is a cached hub file: delete it (--fetch-labels downloads it again), or pass --labels FILE"
+        ) from e
