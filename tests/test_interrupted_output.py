@@ -453,18 +453,16 @@ SIGNAL_AT = {
 }
 
 
+def _overwrite_signalled(out: Path, checkpoint: Path, step: str, name: str):
+    """``convert CHECKPOINT --out OUT --overwrite`` in a process of its own that sends itself signal ``name``."""
+    return run_cli_process("convert", checkpoint, "--out", out, "--overwrite", code=SIGNAL_AT[step].format(name=name))
+
+
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
 def test_a_signal_while_writing_leaves_the_earlier_output_and_no_leftover(earlier_output, checkpoints, name):
     before = snapshot(earlier_output)
 
-    result = run_cli_process(
-        "convert",
-        checkpoints["new"],
-        "--out",
-        earlier_output,
-        "--overwrite",
-        code=SIGNAL_AT["writing-weights"].format(name=name),
-    )
+    result = _overwrite_signalled(earlier_output, checkpoints["new"], "writing-weights", name)
 
     assert result.returncode == 128 + getattr(signal, name), result.stderr
     assert result.stderr.splitlines()[-1] == "error: interrupted; no output was written"
@@ -474,14 +472,7 @@ def test_a_signal_while_writing_leaves_the_earlier_output_and_no_leftover(earlie
 
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
 def test_a_signal_while_the_output_is_moved_into_place_waits_until_it_is_complete(earlier_output, checkpoints, name):
-    result = run_cli_process(
-        "convert",
-        checkpoints["new"],
-        "--out",
-        earlier_output,
-        "--overwrite",
-        code=SIGNAL_AT["moving-into-place"].format(name=name),
-    )
+    result = _overwrite_signalled(earlier_output, checkpoints["new"], "moving-into-place", name)
 
     assert result.returncode == 128 + getattr(signal, name), result.stderr
     assert (
