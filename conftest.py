@@ -3,8 +3,8 @@
 Expensive artifacts (full-size synthetic checkpoints, their conversions) live in the cache folder under a key made
 of the versions that affect them, and are built through :func:`timesformer_convert.cache.build_once`: under
 ``pytest -n auto`` the first worker that needs one builds it while the others wait on its lock, and a later run
-with the same versions reuses it. Each build is appended to ``builds.log`` in that folder and listed at the end of
-the run, so "converted exactly once" can be counted.
+with the same versions reuses it (tests/artifacts.py). Each build is appended to ``builds.log`` in that folder and
+counted at the end of the run (tests/buildlog.py), so "converted exactly once" can be checked.
 """
 
 from __future__ import annotations
