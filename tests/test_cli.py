@@ -80,6 +80,7 @@ def test_convert_writes_a_loadable_folder(tiny_checkpoint, tmp_path):
     ]
     model = TimesformerForVideoClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_attention_heads == 2 and model.config.num_frames == 4
+    assert model.config.architectures == ["TimesformerForVideoClassification"]
     # The folder is readable as any folder the user makes (not tempfile's 0700).
     umask = os.umask(0o022)
     os.umask(umask)

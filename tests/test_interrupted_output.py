@@ -100,7 +100,7 @@ def _fail_writing_preprocessor_config(monkeypatch):
 
 
 def _fail_moving_into_place(monkeypatch):
-    def replace(staging, out_dir):
+    def replace(staging, out_dir, overwrite):
         raise OSError(18, "Invalid cross-device link", str(out_dir))
 
     monkeypatch.setattr(convert_module, "_replace", replace)
@@ -231,16 +231,16 @@ KILLED_AT = {
     ),
     # Everything is written and verified; the process dies just before moving it into place.
     "before-moving-into-place": DIE
-    + ("from timesformer_convert import convert\nconvert._replace = lambda staging, out_dir: die()\n"),
+    + ("from timesformer_convert import convert\nconvert._replace = lambda staging, out_dir, overwrite: die()\n"),
     # The new folder is in place; the process dies while deleting the old one.
     "deleting-the-old-output": DIE
     + (
         "import shutil\n"
         "from timesformer_convert import convert\n"
         "real = convert._replace\n"
-        "def replace(staging, out_dir):\n"
+        "def replace(staging, out_dir, overwrite):\n"
         "    shutil.rmtree = lambda *args, **kwargs: die()\n"
-        "    real(staging, out_dir)\n"
+        "    real(staging, out_dir, overwrite)\n"
         "convert._replace = replace\n"
     ),
 }
@@ -392,6 +392,40 @@ def test_overwrite_refuses_the_working_folder(tmp_path, checkpoints):
     assert sorted(path.name for path in work.iterdir()) == ["keep.txt"]
 
 
+def test_an_empty_folder_made_beforehand_takes_the_output_without_overwrite(tmp_path, checkpoints):
+    out = tmp_path / "out"
+    out.mkdir()
+
+    result = run_cli("convert", checkpoints["new"], "--out", out)
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert torch.equal(head_weight(out), expected_head(checkpoints["new"]))
+
+
+@pytest.mark.parametrize("made_beforehand", [False, True], ids=["missing", "empty"])
+def test_an_output_that_appears_while_converting_is_kept_without_overwrite(
+    tmp_path, checkpoints, monkeypatch, made_beforehand
+):
+    out = tmp_path / "out"
+    if made_beforehand:
+        out.mkdir()
+    real_check = convert_module._check_written
+
+    def another_conversion_finishes_meanwhile(folder, tensors):
+        real_check(folder, tensors)
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text("theirs")
+
+    monkeypatch.setattr(convert_module, "_check_written", another_conversion_finishes_meanwhile)
+
+    with pytest.raises(FileExistsError, match="was created by another conversion while this one ran"):
+        convert_checkpoint(checkpoints["new"], out)
+
+    assert snapshot(out) == {"config.json": b"theirs"}
+    assert leftovers(out) == []
+
+
 def test_overwrite_refuses_the_folder_a_declared_variant_is_read_from(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -445,8 +479,8 @@ SIGNAL_AT = {
         "import os, signal\n"
         "from timesformer_convert import convert\n"
         "real = convert._replace\n"
-        "def replace(staging, out_dir):\n"
-        "    real(staging, out_dir)\n"
+        "def replace(staging, out_dir, overwrite):\n"
+        "    real(staging, out_dir, overwrite)\n"
         "    os.kill(os.getpid(), signal.{name})\n"
         "convert._replace = replace\n"
     ),

@@ -176,6 +176,7 @@ def transformers_config(shape: ModelShape, variant: Variant | None, id2label: Ma
         labels = {int(index): str(label) for index, label in id2label.items()}
         overrides = {"id2label": labels, "label2id": {label: index for index, label in labels.items()}}
     config = shape.transformers_config(**overrides)
+    config.architectures = ["TimesformerForVideoClassification"]  # what the hub's pipelines and model cards read
     if variant is not None:
         config.num_frames = variant.num_frames if shape.num_frames is None else shape.num_frames
     return config
@@ -241,7 +242,7 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False, source: st
             raise ConversionError(f"{out_dir}: cannot be created, {ancestor} is not a folder; choose another --out")
         _check_writable(out_dir, ancestor)
         return
-    if not overwrite:
+    if not overwrite and not _empty_folder(out_dir):
         raise FileExistsError(f"{out_dir}: already exists; pass --overwrite to replace it, or choose another --out")
 
     refuse = "--overwrite replaces only an earlier output folder; remove it yourself or choose another --out"
@@ -274,6 +275,11 @@ def _check_writable(out_dir: Path, folder: Path) -> None:
         raise ConversionError(f"{out_dir}: cannot be written, {folder} is not writable; choose another --out")
 
 
+def _empty_folder(path: Path) -> bool:
+    """A folder (not a link to one) with nothing in it: made for the output beforehand, nothing to lose."""
+    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+
+
 def _some(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
@@ -297,17 +303,18 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(code, os.strerror(code), str(second))
 
 
-def _replace(staging: Path, out_dir: Path) -> None:
-    """Move the complete ``staging`` folder to ``out_dir``, replacing an existing one with as small a gap as the
-    system allows: none where paths can be exchanged, else between two renames (the old folder then waits in a
-    ``.NAME.old-*`` folder beside it)."""
-    if not out_dir.exists():
+def _replace(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the complete ``staging`` folder to ``out_dir``, replacing an existing one (only with ``overwrite``) with
+    as small a gap as the system allows: none where paths can be exchanged, else between two renames (the old folder
+    then waits in a ``.NAME.old-*`` folder beside it). Without ``overwrite``, ``out_dir`` must be missing or empty
+    when the rename happens: a plain rename refuses a folder that is not empty."""
+    if not overwrite or not out_dir.exists() or _empty_folder(out_dir):
         try:
             os.replace(staging, out_dir)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            # Another conversion into the same folder finished between the check and the rename; its output stays.
+            # Another conversion into the same folder finished after the checks; its output stays.
             raise FileExistsError(
                 f"{out_dir}: was created by another conversion while this one ran; pass --overwrite to replace it, "
                 "or choose another --out"
@@ -415,7 +422,7 @@ def write_output(
         (staging / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_config(image_size), indent=2) + "\n")
         _check_written(staging, tensors)
         with _signals_deferred():
-            _replace(staging, out_dir)
+            _replace(staging, out_dir, overwrite)
             if on_complete is not None:
                 on_complete()
             shutil.rmtree(staging, ignore_errors=True)  # the output it replaced, if any
