@@ -177,6 +177,25 @@ def test_overwrite_replaces_an_earlier_output(tiny_checkpoint, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("command", [["list"], ["list", "--json"], ["rules", "--json"]])
+def test_a_reader_that_stops_early_ends_the_command_quietly(command):
+    # As in `timesformer-convert list | head -1`: the pipe's reader is gone before the command writes.
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "timesformer_convert.cli", *command],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(writer)
+
+    assert (result.returncode, result.stderr) == (141, "")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "convert", tmp_path / "nope.pyth", "--out", tmp_path / "out")
 

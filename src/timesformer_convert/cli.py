@@ -421,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     with _console(args.debug, args.verbose):
         try:
             return COMMANDS[args.command](args)
+        except BrokenPipeError as error:
+            if _reader_gone():
+                return 128 + signal.SIGPIPE  # what a command killed by SIGPIPE reports, as in `... | head -1`
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            return EXIT_FAILED
         except (ConversionError, FileExistsError, OSError) as error:
             if args.debug:
                 logger.exception("failed")
@@ -437,6 +442,25 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_FAILED
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``| head``). If so, further writes, the interpreter's
+    last flush included, are sent to the null device, so that nothing more is reported about it."""
+    import select
+
+    try:
+        descriptor = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(descriptor, 0)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # not a real file (tests capture it), or already closed
+        return False
+    if gone:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, descriptor)
+        os.close(null)
+    return gone
 
 
 def _interrupted(args) -> str:
