@@ -41,6 +41,10 @@ def test_a_folder_the_converter_creates_is_tagged(cache):
 
     assert lines[0] == SIGNATURE
     assert lines[1].startswith("#") and "timesformer-convert" in lines[1]
+    # Readable like any file the user makes, not tempfile's 0600.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (cache / CACHE_TAG).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_a_folder_that_already_holds_files_is_not_tagged(tmp_path, monkeypatch):
@@ -88,6 +92,18 @@ def test_cache_info_creates_nothing(tmp_path, monkeypatch):
         f"{tmp_path / 'not-yet'} (from {CACHE_ENV}): 0 entries, 0.0 MiB (the folder does not exist yet)"
     )
     assert not (tmp_path / "not-yet").exists()
+
+
+def test_cache_info_says_when_clean_would_refuse_the_folder(tmp_path, monkeypatch):
+    fill(tmp_path / "project", {"main.py": b"print()"})
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "project"))
+
+    result = run_cli("cache", "info")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(
+        f"; `cache clean` will not empty it: it holds no {CACHE_TAG} of timesformer-convert, so it may not be a cache"
+    )
 
 
 def test_the_tag_is_not_counted_as_an_entry(cache):

@@ -107,6 +107,21 @@ def _file_in_the_way(root: Path) -> Path | None:
     return None
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` as ``mkdir`` or ``open`` would give it under the process's umask. ``tempfile`` creates folders
+    0700 and files 0600; what is moved into place from there gets this mode, like any folder or file the user makes."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def unclean_reason(root: Path) -> str | None:
+    """Why :func:`clean` would refuse ``root``, or None when it is the cache: tagged, or the default location."""
+    if is_tagged(root) or root.resolve() == default_cache_dir().resolve():
+        return None
+    return f"it holds no {CACHE_TAG} of timesformer-convert, so it may not be a cache"
+
+
 def _tag_if_empty(root: Path) -> None:
     """Write the tag into ``root`` when it holds nothing, through a temporary name, so that a reader never sees half
     a tag. A folder that already holds files is left as it is: nothing says they are the converter's."""
@@ -114,6 +129,7 @@ def _tag_if_empty(root: Path) -> None:
         return
     handle, staging = tempfile.mkstemp(prefix=f".{CACHE_TAG}.", dir=root)
     try:
+        os.chmod(handle, umask_mode(0o666))
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(CACHE_TAG_TEXT)
         os.replace(staging, root / CACHE_TAG)
@@ -195,11 +211,11 @@ def clean(root: Path | None = None) -> int:
     root = root or cache_location()
     if not root.is_dir():
         return 0
-    if not is_tagged(root) and root.resolve() != default_cache_dir().resolve():
+    refusal = unclean_reason(root)
+    if refusal is not None:
         raise ConversionError(
-            f"{root}: not cleaned, it holds no {CACHE_TAG} of timesformer-convert, so it may not be a cache "
-            f"({_named_by()}); point {CACHE_ENV} at the cache folder, or delete its checkpoints, downloads, real and "
-            "suite-* folders yourself"
+            f"{root}: not cleaned, {refusal} ({_named_by()}); point {CACHE_ENV} at the cache folder, or delete its "
+            "checkpoints, downloads, real and suite-* folders yourself"
         )
     owned = [entry for entry in root.iterdir() if OWNED_ENTRIES.fullmatch(entry.name) and not entry.is_symlink()]
     foreign = sorted(entry.name for entry in root.iterdir() if entry not in owned and entry.name != CACHE_TAG)

@@ -336,7 +336,7 @@ def _command_convert(args) -> int:
 
 
 def _command_cache(args) -> int:
-    from .cache import CACHE_ENV, cache_location, clean, usage
+    from .cache import CACHE_ENV, cache_location, clean, unclean_reason, usage
 
     # Neither action creates the folder: looking at a cache that is not there yet must not make one.
     root = cache_location()
@@ -346,8 +346,12 @@ def _command_cache(args) -> int:
     entries, size = usage(root)
     noun = "entry" if entries == 1 else "entries"
     where = f"from {CACHE_ENV}" if os.environ.get(CACHE_ENV) else f"set {CACHE_ENV} to move it"
-    missing = "" if root.exists() else " (the folder does not exist yet)"
-    print(f"{root} ({where}): {entries} {noun}, {size / 2**20:.1f} MiB{missing}")
+    if not root.exists():
+        note = " (the folder does not exist yet)"
+    else:
+        refusal = unclean_reason(root)
+        note = f"; `cache clean` will not empty it: {refusal}" if refusal else ""
+    print(f"{root} ({where}): {entries} {noun}, {size / 2**20:.1f} MiB{note}")
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import CONVERTER_VERSION
+from .cache import umask_mode
 from .checkpoint import read_state_dict
 from .config import ModelShape, check_variant, infer_shape
 from .errors import ConversionError, CoverageError, RuleError
@@ -354,14 +355,6 @@ def _signals_deferred():
             signal.signal(number, handler)
         for number in dict.fromkeys(arrived):
             signal.raise_signal(number)
-
-
-def umask_mode(mode: int) -> int:
-    """``mode`` as ``mkdir`` or ``open`` would give it under the process's umask. ``tempfile`` creates folders
-    0700 and files 0600; what is moved into place from there gets this mode, like any folder or file the user makes."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return mode & ~umask
 
 
 def leftover_staging(out_dir: Path) -> list[Path]:
