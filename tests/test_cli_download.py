@@ -115,6 +115,7 @@ def test_convert_without_a_source_or_variant_says_what_to_give(cache, tmp_path):
 def test_existing_output_is_refused_before_downloading(server, cache, good_bytes, tmp_path):
     url = server.serve("/model.pyth", Route(good_bytes))
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
 
     result = run_cli("convert", url, "--out", tmp_path / "out")
 
