@@ -426,6 +426,28 @@ def test_an_output_that_appears_while_converting_is_kept_without_overwrite(
     assert leftovers(out) == []
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchanged", "renamed-aside"])
+def test_a_file_added_to_the_output_while_converting_is_never_deleted(
+    earlier_output, checkpoints, monkeypatch, exchange
+):
+    if not exchange:
+        monkeypatch.setattr(convert_module, "_exchange", lambda first, second: False)
+    before = snapshot(earlier_output)
+    real_check = convert_module._check_written
+
+    def the_user_saves_notes_meanwhile(folder, tensors):
+        real_check(folder, tensors)
+        (earlier_output / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(convert_module, "_check_written", the_user_saves_notes_meanwhile)
+
+    with pytest.raises(ConversionError, match="notes.txt appeared in it while this conversion ran"):
+        convert_checkpoint(checkpoints["new"], earlier_output, overwrite=True)
+
+    assert snapshot(earlier_output) == {**before, "notes.txt": b"mine"}
+    assert leftovers(earlier_output) == []
+
+
 def test_overwrite_refuses_the_folder_a_declared_variant_is_read_from(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()

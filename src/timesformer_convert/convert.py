@@ -321,10 +321,20 @@ def _replace(staging: Path, out_dir: Path, overwrite: bool) -> None:
                 "or choose another --out"
             ) from e
     elif _exchange(staging, out_dir):
-        pass  # ``staging`` now holds the old output, for the caller to delete
+        # ``staging`` now holds the old output, for the caller to delete, unless something else was put in it while
+        # this conversion ran: that is not an earlier output's, so it goes back untouched.
+        added = _not_output_files(staging)
+        if added:
+            _exchange(staging, out_dir)
+            raise _changed_meanwhile(out_dir, added)
     else:
         retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, retired / "old")
+        added = _not_output_files(retired / "old")
+        if added:
+            os.replace(retired / "old", out_dir)
+            retired.rmdir()
+            raise _changed_meanwhile(out_dir, added)
         try:
             os.replace(staging, out_dir)
         except BaseException:
@@ -332,6 +342,22 @@ def _replace(staging: Path, out_dir: Path, overwrite: bool) -> None:
             retired.rmdir()
             raise
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def _not_output_files(folder: Path) -> list[str]:
+    """Names in ``folder`` that a conversion does not write."""
+    return [
+        entry.name
+        for entry in sorted(folder.iterdir())
+        if entry.name not in OUTPUT_FILES or (entry.is_dir() and not entry.is_symlink())
+    ]
+
+
+def _changed_meanwhile(out_dir: Path, added: list[str]) -> ConversionError:
+    return ConversionError(
+        f"{out_dir}: {_some(added)} appeared in it while this conversion ran, so it was left as it was and nothing "
+        "was replaced; move them elsewhere, or choose another --out"
+    )
 
 
 @contextlib.contextmanager
@@ -346,9 +372,10 @@ def _signals_deferred():
         yield
         return
     arrived: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {number: signal.signal(number, lambda number, _frame: arrived.append(number)) for number in held}
+    previous = {}
     try:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, lambda number, _frame: arrived.append(number))
         yield
     finally:
         for number, handler in previous.items():
