@@ -106,6 +106,36 @@ def test_cache_info_says_when_clean_would_refuse_the_folder(tmp_path, monkeypatc
     )
 
 
+def test_a_tag_that_links_to_another_folders_tag_does_not_count(cache, tmp_path, monkeypatch):
+    other = tmp_path / "other"
+    fill(other, {"real/userfile": b"mine"})
+    (other / CACHE_TAG).symlink_to(cache / CACHE_TAG)
+    monkeypatch.setenv(CACHE_ENV, str(other))
+
+    result = run_cli("cache", "clean")
+
+    assert_one_line_error(result, "other: not cleaned", CACHE_TAG)
+    assert (other / "real" / "userfile").read_bytes() == b"mine"
+
+
+def test_a_blank_cache_variable_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, "  ")
+
+    result = run_cli("cache", "info")
+
+    assert_one_line_error(result, f"${CACHE_ENV} is blank; unset it, or set it to a folder")
+
+
+def test_cleaning_an_empty_folder_has_nothing_to_refuse(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty"))
+
+    result = run_cli("cache", "clean")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("removed 0.0 MiB")
+
+
 def test_the_tag_is_not_counted_as_an_entry(cache):
     fill(cache, {"downloads/a.pyth": b"x" * 10})
 

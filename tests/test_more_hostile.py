@@ -12,7 +12,7 @@ import torch
 
 from conftest import check_oracle_dir
 from tests.loopback import LoopbackServer, Route
-from tests.running import Options, run_cli
+from tests.running import Forked, Options, run_cli
 from tests.test_cli import TINY, assert_one_line_error
 from timesformer_convert.cache import CACHE_ENV, cache_dir, clean
 from timesformer_convert.config import SPACE_ONLY, ModelShape
@@ -82,7 +82,15 @@ def test_space_only_without_frame_count_is_refused():
         (["--out", ""], "argument --out: is empty; give a path"),
         (["--labels", " "], "argument --labels: is empty; give a path"),
     ],
-    ids=["heads-0", "heads-text", "frames-negative", "timeout-nan", "timeout-inf", "out-empty", "labels-blank"],
+    ids=[
+        "heads-0",
+        "heads-text",
+        "frames-negative",
+        "timeout-nan",
+        "timeout-inf",
+        "out-empty",
+        "labels-blank",
+    ],
 )
 def test_bad_argument_values_are_one_line_usage_errors(tiny_checkpoint, tmp_path, args, fragment):
     result = run_cli("convert", tiny_checkpoint, "--out", tmp_path / "out", *args)
@@ -90,6 +98,15 @@ def test_bad_argument_values_are_one_line_usage_errors(tiny_checkpoint, tmp_path
     assert result.returncode == 2
     assert_one_line_error(result, fragment)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert _no_output(tmp_path)
+
+
+@pytest.mark.parametrize("source", ["", "  "], ids=["empty", "blank"])
+def test_a_blank_source_is_a_one_line_usage_error(tmp_path, source):
+    result = run_cli("convert", source, "--out", tmp_path / "out")
+
+    assert result.returncode == 2
+    assert_one_line_error(result, "argument source: is empty; give a file or a URL")
     assert _no_output(tmp_path)
 
 
@@ -110,6 +127,50 @@ def test_out_under_a_file_is_refused_before_any_work(tiny_checkpoint, tmp_path):
 
     assert_one_line_error(result, "cannot be created", "afile is not a folder", "--out")
     assert result.stderr.strip().splitlines()[0].startswith("error:"), "refused before the label warning"
+
+
+def test_a_checkpoint_name_that_is_not_utf8_is_named_as_the_problem(tiny_checkpoint, tmp_path):
+    odd = Path(os.fsdecode(bytes(tmp_path / "ck") + b"\xff.pyth"))
+    odd.write_bytes(tiny_checkpoint.read_bytes())
+
+    result = run_cli("convert", odd, "--out", tmp_path / "out")
+
+    assert_one_line_error(result, "its name is not valid UTF-8", "rename the file")
+    assert "corrupt" not in result.stderr
+    assert _no_output(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        (b"out\xff", "the path is not valid UTF-8"),
+        (b"a" * 240, "the name is too long to be written beside it first (240 bytes, at most 237 here)"),
+    ],
+    ids=["not-utf8", "too-long"],
+)
+def test_an_output_name_that_cannot_be_written_is_refused_before_any_work(tiny_checkpoint, tmp_path, name, fragment):
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/" + name))
+    before = sorted(tmp_path.iterdir())
+
+    result = run_cli("convert", tiny_checkpoint, "--out", out)
+
+    assert_one_line_error(result, fragment, "--out")
+    assert result.stderr.strip().splitlines()[0].startswith("error:"), "refused before the label warning"
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_deleted_working_folder_is_one_line(tiny_checkpoint, tmp_path):
+    code = (
+        "import os, sys\n"
+        "os.mkdir(sys.argv[1]); os.chdir(sys.argv[1]); os.rmdir(sys.argv[1])\n"
+        "from timesformer_convert.cli import main\n"
+        "sys.exit(main(['convert', sys.argv[2], '--out', sys.argv[3]]))\n"
+    )
+
+    result = Forked.python(code, tmp_path / "gone", tiny_checkpoint, tmp_path / "out").wait()
+
+    assert result.returncode == 1
+    assert result.stderr == "error: the current folder no longer exists; change to an existing one and run again\n"
 
 
 # --- label files -----------------------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ def cache_location() -> Path:
     Raises ConversionError when a file stands where the folder (or one of its parents) would be.
     """
     configured = os.environ.get(CACHE_ENV)
+    if configured and not configured.strip():
+        raise ConversionError(f"${CACHE_ENV} is blank; unset it, or set it to a folder")
     root = _expanded(configured) if configured else default_cache_dir()
     blocker = _file_in_the_way(root)
     if blocker is not None:
@@ -81,8 +83,11 @@ def cache_dir() -> Path:
 
 def is_tagged(root: Path) -> bool:
     """Whether ``root`` holds this converter's ``CACHEDIR.TAG``."""
+    tag = root / CACHE_TAG
+    if tag.is_symlink():  # a link to another folder's tag says nothing about this folder
+        return False
     try:
-        text = (root / CACHE_TAG).read_text(encoding="utf-8", errors="replace")
+        text = tag.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
     return text.startswith(CACHE_TAG_TEXT.splitlines()[0]) and "timesformer-convert" in text
@@ -209,7 +214,7 @@ def clean(root: Path | None = None) -> int:
     after deleting what it could, naming what it could not remove.
     """
     root = root or cache_location()
-    if not root.is_dir():
+    if not root.is_dir() or next(root.iterdir(), None) is None:
         return 0
     refusal = unclean_reason(root)
     if refusal is not None:

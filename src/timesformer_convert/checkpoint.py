@@ -247,6 +247,13 @@ def load_checkpoint(path: str | os.PathLike) -> object:
     """
     path = Path(path)
     size = check_readable(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(
+            f"{path}: its name is not valid UTF-8, and torch opens files by UTF-8 names only; rename the file, or "
+            "give it through a link whose name is UTF-8"
+        ) from None
     with path.open("rb") as handle:
         head = handle.read(_SNIFF_BYTES)
     is_zip = head.startswith(_ZIP_MAGIC)

@@ -61,6 +61,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message}; see {self.prog} --help\n")
 
 
+def _text(text: str) -> str:
+    """A file or URL argument that must not be blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a file or a URL")
+    return text
+
+
 def _path(text: str) -> Path:
     """A path argument; an empty one (an unset shell variable, say) would otherwise mean the current folder."""
     if not text.strip():
@@ -87,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "source",
         nargs="?",
+        type=_text,
         help="original checkpoint: a file (.pyth / .pth) or an http(s) URL; leave it out to fetch --variant's own",
     )
     convert.add_argument("--out", required=True, type=_path, help="output folder (must not exist unless --overwrite)")
@@ -422,6 +430,11 @@ def _console(debug: bool, verbose: bool):
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     args = build_parser().parse_args(argv)
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # transformers, among others, resolves relative paths while it is imported
+        print("error: the current folder no longer exists; change to an existing one and run again", file=sys.stderr)
+        return EXIT_FAILED
     with _console(args.debug, args.verbose):
         try:
             return COMMANDS[args.command](args)

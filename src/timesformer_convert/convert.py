@@ -241,7 +241,7 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False, source: st
         ancestor = next(parent for parent in out_dir.absolute().parents if parent.exists())
         if not ancestor.is_dir():
             raise ConversionError(f"{out_dir}: cannot be created, {ancestor} is not a folder; choose another --out")
-        _check_writable(out_dir, ancestor)
+        _check_can_write(out_dir, ancestor)
         return
     if not overwrite and not _empty_folder(out_dir):
         raise FileExistsError(f"{out_dir}: already exists; pass --overwrite to replace it, or choose another --out")
@@ -266,12 +266,29 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False, source: st
     others = [entry.name for entry in entries if entry.name not in OUTPUT_FILES]
     if others:
         raise ConversionError(f"{out_dir}: holds files a conversion never writes ({_some(others)}); {refuse}")
-    _check_writable(out_dir, out_dir.absolute().parent)
+    _check_can_write(out_dir, out_dir.absolute().parent)
 
 
-def _check_writable(out_dir: Path, folder: Path) -> None:
-    """The output is written beside ``out_dir`` first, so ``folder`` (its parent, or the nearest one that exists)
-    must take new entries; checked before any work rather than after it."""
+def _check_can_write(out_dir: Path, folder: Path) -> None:
+    """Refuse, before any work rather than after it, an ``out_dir`` that cannot be written: the output is written
+    beside it first, as ``.NAME.partial-XXXXXXXX``, so ``folder`` (its parent, or the nearest one that exists) must
+    take new entries and that name must fit; the weights' writer needs a UTF-8 path."""
+    try:
+        str(out_dir.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConversionError(
+            f"{out_dir}: the path is not valid UTF-8, and the weights cannot be written under it; choose another --out"
+        ) from None
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    staging = len(os.fsencode(f".{out_dir.name}{STAGING_MARK}")) + 8
+    if staging > longest:
+        raise ConversionError(
+            f"{out_dir}: the name is too long to be written beside it first ({len(os.fsencode(out_dir.name))} bytes, "
+            f"at most {len(os.fsencode(out_dir.name)) - staging + longest} here); choose a shorter --out"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConversionError(f"{out_dir}: cannot be written, {folder} is not writable; choose another --out")
 
