@@ -203,6 +203,19 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["timesformer-base-finetuned-ssv2", "timesformer-base-finetuned-ssv2-1blocks"])
+def test_selfcheck_refuses_a_work_dir_holding_files_it_did_not_write(tmp_path, name):
+    work = tmp_path / "work"
+    (work / name).mkdir(parents=True)
+    (work / name / "notes.txt").write_text("mine")
+
+    result = run_cli("selfcheck", "--variant", "timesformer-base-finetuned-ssv2", "--work-dir", work)
+
+    assert_one_line_error(result, f"{work / name}: holds files selfcheck did not write (notes.txt)", "--work-dir")
+    assert "--overwrite" not in result.stderr
+    assert sorted(path.name for path in work.rglob("*")) == sorted([name, "notes.txt"])
+
+
 @pytest.mark.slow
 def test_selfcheck_prints_a_row_per_variant_and_keeps_its_work_dir(tmp_path):
     variant = "timesformer-base-finetuned-ssv2"

@@ -340,14 +340,14 @@ def _replace(staging: Path, out_dir: Path, overwrite: bool) -> None:
     elif _exchange(staging, out_dir):
         # ``staging`` now holds the old output, for the caller to delete, unless something else was put in it while
         # this conversion ran: that is not an earlier output's, so it goes back untouched.
-        added = _not_output_files(staging)
+        added = not_output_files(staging)
         if added:
             _exchange(staging, out_dir)
             raise _changed_meanwhile(out_dir, added)
     else:
         retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, retired / "old")
-        added = _not_output_files(retired / "old")
+        added = not_output_files(retired / "old")
         if added:
             os.replace(retired / "old", out_dir)
             retired.rmdir()
@@ -361,7 +361,7 @@ def _replace(staging: Path, out_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def _not_output_files(folder: Path) -> list[str]:
+def not_output_files(folder: Path) -> list[str]:
     """Names in ``folder`` that a conversion does not write."""
     return [
         entry.name

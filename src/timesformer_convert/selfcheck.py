@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .checkpoint import read_state_dict
-from .convert import convert_checkpoint, rename_state_dict
+from .convert import convert_checkpoint, not_output_files, rename_state_dict
 from .errors import ConversionError
 from .variants import Variant
 from .verify import (
@@ -104,7 +104,21 @@ def check_variant(variant: Variant, work_dir: Path, forward_blocks: int = 1, kee
 def run_selfcheck(
     variants: list[Variant], work_dir: Path, forward_blocks: int = 1, keep: bool = False
 ) -> list[SelfcheckRow]:
-    """Check every variant in turn and return one row each; ``keep`` leaves their files in ``work_dir``."""
+    """Check every variant in turn and return one row each; ``keep`` leaves their files in ``work_dir``.
+
+    Raises ConversionError, before any work, when ``work_dir`` holds something under a name selfcheck writes that is
+    not what it wrote there: it replaces only its own conversions."""
+    for variant in variants:
+        for name in (variant.name, f"{variant.name}-{forward_blocks}blocks"):
+            folder = work_dir / name
+            if folder.is_symlink() or folder.exists() and not folder.is_dir():
+                raise ConversionError(f"{folder}: is not a folder selfcheck wrote; choose another --work-dir")
+            foreign = not_output_files(folder) if folder.is_dir() else []
+            if foreign:
+                raise ConversionError(
+                    f"{folder}: holds files selfcheck did not write ({', '.join(foreign[:5])}); it replaces only its "
+                    "own conversions there; move them elsewhere, or choose another --work-dir"
+                )
     return [check_variant(variant, work_dir, forward_blocks, keep) for variant in variants]
 
 
