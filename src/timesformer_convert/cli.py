@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
         except KeyboardInterrupt as interrupt:
             print(f"error: {interrupt.args[0] if interrupt.args else _interrupted(args)}", file=sys.stderr)
-            return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+            return _interrupt_status(interrupt)
         except Exception as error:  # an input the checks above did not foresee: still one line
             if args.debug:
                 logger.exception("failed")
@@ -489,6 +489,11 @@ def _interrupted(args) -> str:
     return "interrupted"
 
 
+def _interrupt_status(interrupt: KeyboardInterrupt) -> int:
+    """The exit status a shell reports for the signal that caused ``interrupt``: 143 for SIGTERM, 130 for SIGINT."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
 def _terminate(_number, _frame):
     raise Terminated()
 
@@ -503,7 +508,7 @@ def script() -> int:
         status = main()
     except KeyboardInterrupt as interrupt:  # before a command began: parsing the arguments, importing
         print("error: interrupted", file=sys.stderr)
-        status = 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+        status = _interrupt_status(interrupt)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Nothing needs collecting any more. Freezing the heap spares the interpreter's last garbage collections a walk

@@ -30,7 +30,7 @@ from . import CONVERTER_VERSION
 from .cache import umask_mode
 from .checkpoint import read_state_dict
 from .config import ModelShape, check_variant, infer_shape
-from .errors import ConversionError, CoverageError, RuleError
+from .errors import ConversionError, CoverageError, RuleError, first_few
 from .rules import rename_keys, rules_used, strip_prefixes
 from .safetensors_io import DTYPE_CODES, write_safetensors
 from .variants import ORIGINAL_MEAN, ORIGINAL_STD, Variant
@@ -137,10 +137,9 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str, shown: int
             finite = tensor.isfinite()
             bad.append(f"{key} ({tensor.numel() - int(finite.sum())} of {tensor.numel()})")
     if bad:
-        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
         raise ConversionError(
             f"{source}: {len(bad)} weight{'s hold' if len(bad) > 1 else ' holds'} NaN or infinite values: "
-            f"{', '.join(sorted(bad)[:shown])}{more}; the checkpoint is damaged, convert a good copy of it"
+            f"{first_few(sorted(bad), shown)}; the checkpoint is damaged, convert a good copy of it"
         )
 
 
@@ -257,15 +256,14 @@ def check_output(out_dir: str | os.PathLike, overwrite: bool = False, source: st
     for name, path in protected.items():
         if path == target or target in path.parents:
             raise ConversionError(f"{out_dir}: holds {name} ({path}); {refuse}")
-    entries = sorted(out_dir.iterdir())
-    subfolders = [entry.name for entry in entries if entry.is_dir()]
+    subfolders = sorted(entry.name for entry in out_dir.iterdir() if entry.is_dir())
     if subfolders:
         raise ConversionError(
-            f"{out_dir}: holds folders ({_some(subfolders)}), which a conversion never writes; {refuse}"
+            f"{out_dir}: holds folders ({first_few(subfolders)}), which a conversion never writes; {refuse}"
         )
-    others = [entry.name for entry in entries if entry.name not in OUTPUT_FILES]
+    others = not_output_files(out_dir)
     if others:
-        raise ConversionError(f"{out_dir}: holds files a conversion never writes ({_some(others)}); {refuse}")
+        raise ConversionError(f"{out_dir}: holds files a conversion never writes ({first_few(others)}); {refuse}")
     _check_can_write(out_dir, out_dir.absolute().parent)
 
 
@@ -283,11 +281,12 @@ def _check_can_write(out_dir: Path, folder: Path) -> None:
         longest = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         longest = 255
-    staging = len(os.fsencode(f".{out_dir.name}{STAGING_MARK}")) + 8
-    if staging > longest:
+    name = len(os.fsencode(out_dir.name))
+    added = len(f".{STAGING_MARK}") + 8  # the staging name's dot, mark and tempfile's 8 random characters
+    if name + added > longest:
         raise ConversionError(
-            f"{out_dir}: the name is too long to be written beside it first ({len(os.fsencode(out_dir.name))} bytes, "
-            f"at most {len(os.fsencode(out_dir.name)) - staging + longest} here); choose a shorter --out"
+            f"{out_dir}: the name is too long to be written beside it first ({name} bytes, at most "
+            f"{longest - added} here); choose a shorter --out"
         )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConversionError(f"{out_dir}: cannot be written, {folder} is not writable; choose another --out")
@@ -296,10 +295,6 @@ def _check_can_write(out_dir: Path, folder: Path) -> None:
 def _empty_folder(path: Path) -> bool:
     """A folder (not a link to one) with nothing in it: made for the output beforehand, nothing to lose."""
     return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
-
-
-def _some(names: list[str], shown: int = 5) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -372,8 +367,8 @@ def not_output_files(folder: Path) -> list[str]:
 
 def _changed_meanwhile(out_dir: Path, added: list[str]) -> ConversionError:
     return ConversionError(
-        f"{out_dir}: {_some(added)} appeared in it while this conversion ran, so it was left as it was and nothing "
-        "was replaced; move them elsewhere, or choose another --out"
+        f"{out_dir}: {first_few(added)} appeared in it while this conversion ran, so it was left as it was and "
+        "nothing was replaced; move them elsewhere, or choose another --out"
     )
 
 

@@ -4,6 +4,13 @@ Every error names the file or key it refused and says what to do; the CLI prints
 """
 
 
+def first_few(items, shown: int = 5) -> str:
+    """The first ``shown`` of ``items`` for a message, comma-separated, and how many more there are."""
+    items = list(items)
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(map(str, items[:shown])) + more
+
+
 class ConversionError(ValueError):
     """Base class: a checkpoint could not be converted. The message says why and what to do."""
 

@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import ConversionError
+from .errors import ConversionError, first_few
 from .variants import LABEL_REPO, Variant
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ def read_label_file(path: str | os.PathLike, num_labels: int | None = None) -> d
         missing = sorted(set(range(num_labels)) - set(labels))
         extra = sorted(set(labels) - set(range(num_labels)))
         raise ConversionError(
-            f"{path}: class indices must run from 0 to {num_labels - 1}; missing {_some(missing)}, "
-            f"out of range {_some(extra)}"
+            f"{path}: class indices must run from 0 to {num_labels - 1}; missing {first_few(missing)}, "
+            f"out of range {first_few(extra)}"
         )
     return labels
 
@@ -80,12 +80,6 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
             raise _DuplicateKeyError(key)
         seen[key] = value
     return seen
-
-
-def _some(indices: list[int], shown: int = 5) -> str:
-    """The first ``shown`` indices, and how many more."""
-    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
-    return ", ".join(map(str, indices[:shown])) + more
 
 
 def hub_label_file(variant: Variant, download: bool = False) -> Path | None:

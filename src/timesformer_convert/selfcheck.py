@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint import read_state_dict
 from .convert import convert_checkpoint, not_output_files, rename_state_dict
-from .errors import ConversionError
+from .errors import ConversionError, first_few
 from .variants import Variant
 from .verify import (
     FORWARD_ATOL,
@@ -116,7 +116,7 @@ def run_selfcheck(
             foreign = not_output_files(folder) if folder.is_dir() else []
             if foreign:
                 raise ConversionError(
-                    f"{folder}: holds files selfcheck did not write ({', '.join(foreign[:5])}); it replaces only its "
+                    f"{folder}: holds files selfcheck did not write ({first_few(foreign)}); it replaces only its "
                     "own conversions there; move them elsewhere, or choose another --work-dir"
                 )
     return [check_variant(variant, work_dir, forward_blocks, keep) for variant in variants]
